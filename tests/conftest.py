@@ -1,0 +1,27 @@
+"""Test settings: CPU only, strict JAX numerics, a persistent compile cache."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+        "VI_SEG_JAX_TEST_JAX_CACHE",
+        str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vi_seg_jax" / "jax"),
+    ),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+@pytest.fixture
+def getkey():
+    """Returns a function giving a fresh typed key on each call."""
+    counter = iter(range(1_000_000))
+    return lambda: jax.random.key(next(counter))

@@ -1,0 +1,1 @@
+"""BraTS data: layouts, label conventions, validation, preprocessing, sampling, splits."""
