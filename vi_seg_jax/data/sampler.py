@@ -180,7 +180,10 @@ class PatchSampler:
         cases = np.where(forced, fg_case, any_case).astype(np.int64)
         voxels = np.array([self.labels[c].size for c in cases], dtype=np.int64)
         counts = np.array(
-            [self.foreground_indices[c].size if f else 1 for c, f in zip(cases, forced)],
+            [
+                self.foreground_indices[c].size if f else 1
+                for c, f in zip(cases, forced, strict=True)
+            ],
             dtype=np.int64,
         )
         uniform_voxel = rng.integers(0, voxels)
@@ -219,9 +222,7 @@ def patch_start(
     return tuple(starts)
 
 
-def extract_patch(
-    volume: np.ndarray, start: Sequence[int], extent: Sequence[int]
-) -> np.ndarray:
+def extract_patch(volume: np.ndarray, start: Sequence[int], extent: Sequence[int]) -> np.ndarray:
     """`volume[start : start + extent]` along the leading axes, zero outside the volume.
 
     Only the overlapping region is read, so a memmap is never loaded in full.

@@ -72,6 +72,8 @@ def _load(path: Path) -> nib.Nifti1Image:
         raise DataError(path, "file not found")
     try:
         image = nib.load(path)
+    except nib.filebasedimages.ImageFileError:
+        raise DataError(path, "not a readable NIfTI file (unrecognised or truncated header)") from None
     except _READ_ERRORS as error:
         raise DataError(path, f"not a readable NIfTI file ({error})") from None
     if not isinstance(image, nib.Nifti1Image):
