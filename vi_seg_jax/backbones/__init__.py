@@ -1,0 +1,1 @@
+from vi_seg_jax.backbones.unet import UNet

@@ -1,0 +1,326 @@
+"""Blocks and checks shared by the backbones (`unet.py`, `vnet.py`, `fcn.py`).
+
+Every convolution here is an `nn.Conv` submodule with an explicit name, so that a variational
+layer can intercept `nn.Conv.__call__` (`flax.linen.intercept_methods`) and pick the Bayesian
+convolutions by parameter path or by kernel shape: 3×3(×3) convolutions never have a bias
+(their only parameter is `kernel`, shape `(3,) * spatial_dims + (c_in, c_out)`); 1×1(×1)
+projection, upsampling and output convolutions (and V-Net's 2×2(×2) strided ones) are the
+deterministic part by default (method.md §2).
+
+Normalisation is instance norm without affine parameters (the paper code's
+`nn.InstanceNorm3d` defaults, eps 1e-5): no BatchNorm, so nothing mixes statistics across
+Monte Carlo samples and there is no `batch_stats` collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Upsample = Literal["resize", "transpose"]
+UPSAMPLE_MODES: tuple[str, ...] = ("resize", "transpose")
+
+# torch.nn.InstanceNorm3d's default epsilon (the paper code's normalisation).
+NORM_EPSILON = 1e-5
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_hyperparameters(
+    cls_name: str,
+    *,
+    spatial_dims: Any,
+    features: Any,
+    num_classes: Any,
+    dropout_rate: Any,
+    upsample: Any,
+    min_levels: int,
+) -> tuple[int, ...]:
+    """Validates the hyperparameters every backbone shares; returns `features` as a tuple.
+
+    Raises:
+      ValueError: with a message naming the class, the attribute and the offending value.
+    """
+    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
+        raise ValueError(f"{cls_name}: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if (
+        isinstance(features, str | bytes)
+        or not isinstance(features, Sequence)
+        or len(features) == 0
+        or not all(
+            isinstance(f, int | np.integer) and not isinstance(f, bool) and f > 0
+            for f in features
+        )
+    ):
+        raise ValueError(
+            f"{cls_name}: features must be a non-empty sequence of positive ints, "
+            f"got {features!r}"
+        )
+    if len(features) < min_levels:
+        raise ValueError(
+            f"{cls_name}: features needs at least {min_levels} entries (one channel count per "
+            f"resolution level), got {tuple(features)!r}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise ValueError(f"{cls_name}: num_classes must be an int >= 1, got {num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"{cls_name}: num_classes must be an int >= 1, got {num_classes!r}")
+    if (
+        isinstance(dropout_rate, bool)
+        or not isinstance(dropout_rate, int | float | np.floating)
+        or not 0.0 <= dropout_rate < 1.0
+    ):
+        raise ValueError(f"{cls_name}: dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(
+            f"{cls_name}: upsample must be one of {UPSAMPLE_MODES!r}, got {upsample!r}"
+        )
+    return tuple(int(f) for f in features)
+
+
+def check_input(cls_name: str, x: jax.Array, *, spatial_dims: int, depth: int) -> None:
+    """Checks a batched channels-last input against the backbone's input-size rule.
+
+    The rule: `x.shape == (B, *spatial, C)` with `len(spatial) == spatial_dims` and every
+    spatial size a positive multiple of `2**depth`.
+
+    Raises:
+      ValueError: wrong rank, or a spatial size that is not a multiple of `2**depth`.
+    """
+    shape = tuple(x.shape)
+    layout = "[B, H, W, C]" if spatial_dims == 2 else "[B, H, W, D, C]"
+    if len(shape) != spatial_dims + 2:
+        raise ValueError(
+            f"{cls_name}: expected a batched channels-last input {layout} of rank "
+            f"{spatial_dims + 2} for spatial_dims={spatial_dims}, got shape {shape}"
+        )
+    multiple = 2**depth
+    spatial = shape[1:-1]
+    if any(s <= 0 or s % multiple for s in spatial):
+        raise ValueError(
+            f"{cls_name}: spatial dims must be multiples of 2**depth = {multiple} "
+            f"(depth {depth}), got spatial shape {spatial} in input shape {shape}"
+        )
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def conv3(
+    features: int, spatial_dims: int, *, strides: int = 1, name: str, dtype: Any = None
+) -> nn.Conv:
+    """A 3×3(×3) convolution, padding 1 on each side, no bias (the paper code's layout).
+
+    Padding 1 (not XLA's "SAME") keeps strided windows centred on the even voxels, aligned
+    with the 1×1 stride-2 shortcut, exactly like PyTorch's `padding=1`.
+    """
+    return nn.Conv(
+        features,
+        kernel_size=(3,) * spatial_dims,
+        strides=(strides,) * spatial_dims,
+        padding=((1, 1),) * spatial_dims,
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def conv1(
+    features: int,
+    spatial_dims: int,
+    *,
+    strides: int = 1,
+    use_bias: bool = False,
+    name: str,
+    dtype: Any = None,
+    kernel_init: Any = None,
+) -> nn.Conv:
+    """A 1×1(×1) convolution (projection, shortcut, upsampling or class scores)."""
+    return nn.Conv(
+        features,
+        kernel_size=(1,) * spatial_dims,
+        strides=(strides,) * spatial_dims,
+        padding="VALID",
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.initializers.lecun_normal() if kernel_init is None else kernel_init,
+        name=name,
+    )
+
+
+def instance_norm(name: str, dtype: Any = None) -> nn.InstanceNorm:
+    """Instance norm without affine parameters over the spatial axes of `[B, *S, C]`."""
+    return nn.InstanceNorm(
+        epsilon=NORM_EPSILON, use_scale=False, use_bias=False, dtype=dtype, name=name
+    )
+
+
+def depth_to_space(x: jax.Array, spatial_dims: int) -> jax.Array:
+    """`[B, *S, 2**d * C]` → `[B, *(2 * S), C]`; channel index = offset-major, channel-minor.
+
+    The channel axis is read as `(2,) * d + (C,)`: channel `(o_1, ..., o_d, c)` becomes the
+    voxel at offset `(o_1, ..., o_d)` inside each 2×2(×2) output cell.
+    """
+    d = spatial_dims
+    b, *spatial, c_all = x.shape
+    c = c_all // 2**d
+    x = x.reshape(b, *spatial, *(2,) * d, c)
+    # axes: 0 batch, 1..d spatial, d+1..2d offsets, 2d+1 channels -> interleave (s_i, o_i).
+    perm = [0]
+    for i in range(d):
+        perm += [1 + i, 1 + d + i]
+    perm.append(2 * d + 1)
+    x = jnp.transpose(x, perm)
+    return x.reshape(b, *(2 * s for s in spatial), c)
+
+
+def replicate_init(channels: int, spatial_dims: int):
+    """Kernel init making a 1×1 conv + `depth_to_space` a nearest-neighbour ×2 upsampling.
+
+    The 2×2(×2) stride-2 analogue of FCN's bilinear-initialised deconvolution: each output
+    voxel starts as a copy of its input voxel, and the mapping is then learned.
+    """
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        kernel = jnp.tile(jnp.eye(channels, dtype=dtype), (1, 2**spatial_dims))
+        return kernel.reshape(shape)
+
+    return init
+
+
+def upsample2x(
+    x: jax.Array,
+    *,
+    features: int | None,
+    mode: Upsample,
+    spatial_dims: int,
+    name: str,
+    dtype: Any = None,
+    kernel_init: Any = None,
+) -> jax.Array:
+    """×2 upsampling of `[B, *S, C]` to `[B, *(2 * S), features]`; call inside a compact method.
+
+    Modes:
+      `"resize"`: a 1×1 conv named `name` to `features` channels (skipped when `features` is
+        None), then `jax.image.resize(..., "linear")`: linear interpolation with half-pixel
+        centres and edge replication. The paper code used
+        `nn.Upsample(mode="trilinear", align_corners=True)`, which maps corner to corner
+        instead; the two differ by a sub-voxel shift. A 1×1 conv commutes with a
+        per-channel linear resize, so it runs at the low resolution.
+      `"transpose"`: a learned transposed convolution with kernel 2 and stride 2, written as
+        the exactly equivalent 1×1 conv named `name` to `2**d * features` channels followed
+        by `depth_to_space` (the stride equals the kernel, so windows do not overlap). This
+        keeps every convolution an `nn.Conv` and avoids `lax.conv_transpose`, whose 3D
+        gradient is slow in XLA (jax issue #31662). Its kernel has shape
+        `(1,) * d + (C, 2**d * features)`.
+    """
+    d = spatial_dims
+    if mode == "resize":
+        if features is not None:
+            x = conv1(features, d, name=name, dtype=dtype, kernel_init=kernel_init)(x)
+        b, *spatial, c = x.shape
+        return jax.image.resize(x, (b, *(2 * s for s in spatial), c), method="linear")
+    if mode == "transpose":
+        out = x.shape[-1] if features is None else features
+        x = conv1(out * 2**d, d, name=name, dtype=dtype, kernel_init=kernel_init)(x)
+        return depth_to_space(x, d)
+    raise ValueError(f"upsample must be one of {UPSAMPLE_MODES!r}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class ResBlock(nn.Module):
+    """The paper code's `BasicDownBlock`: a pre-activation residual block.
+
+    `y = conv_2(drop(relu(norm_2(conv_1(drop(relu(norm_1(x))))))))`, returned as `y + s`
+    where the shortcut `s` is `x` itself when the block keeps resolution and channels, and
+    `shortcut(relu(norm_1(x)))`, a 1×1(×1) conv with the block's stride, otherwise (the
+    paper code's pre-activated `ConvBlock(kernel=1, stride=2)`).
+
+    Attributes:
+      features: output channels.
+      spatial_dims: 2 or 3.
+      strides: 1, or 2 to halve every spatial size (`conv_1` and `shortcut` are strided).
+      dropout_rate: dropout after each activation that feeds a 3×3 conv (rng stream
+        `"dropout"`, active only when `train=True`).
+      dtype: computation dtype of the convolutions (None: from inputs and parameters).
+
+    Submodules: `norm_1`, `conv_1`, `norm_2`, `conv_2`, `shortcut` (only when needed); the
+    norms have no parameters.
+    """
+
+    features: int
+    spatial_dims: int
+    strides: int = 1
+    dropout_rate: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        d = self.spatial_dims
+        h = nn.relu(instance_norm("norm_1", self.dtype)(x))
+        y = nn.Dropout(self.dropout_rate, name="dropout_1")(h, deterministic=not train)
+        y = conv3(self.features, d, strides=self.strides, name="conv_1", dtype=self.dtype)(y)
+        y = nn.relu(instance_norm("norm_2", self.dtype)(y))
+        y = nn.Dropout(self.dropout_rate, name="dropout_2")(y, deterministic=not train)
+        y = conv3(self.features, d, name="conv_2", dtype=self.dtype)(y)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            s = conv1(
+                self.features, d, strides=self.strides, name="shortcut", dtype=self.dtype
+            )(h)
+        else:
+            s = x
+        return y + s
+
+
+class UpBlock(nn.Module):
+    """The paper code's `BasicUpBlock`: upsample, add the skip, two pre-activation convs.
+
+    `u = up(relu(norm_up(x))) + skip`, `y = conv_2(...conv_1(drop(relu(norm_1(u)))))`,
+    returns `y + u`. `up` is `upsample2x` (a 1×1 conv named `upsample` plus resize, or the
+    equivalent of a kernel-2 stride-2 transposed conv, see `upsample2x`).
+
+    Attributes:
+      features: output channels (also the skip's channels).
+      spatial_dims: 2 or 3.
+      upsample: `"resize"` or `"transpose"`.
+      dropout_rate: as in `ResBlock`.
+      dtype: computation dtype of the convolutions.
+
+    Submodules: `norm_up`, `upsample`, `norm_1`, `conv_1`, `norm_2`, `conv_2`.
+    """
+
+    features: int
+    spatial_dims: int
+    upsample: Upsample = "resize"
+    dropout_rate: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, skip: jax.Array, *, train: bool = False) -> jax.Array:
+        d = self.spatial_dims
+        h = nn.relu(instance_norm("norm_up", self.dtype)(x))
+        u = upsample2x(
+            h,
+            features=self.features,
+            mode=self.upsample,
+            spatial_dims=d,
+            name="upsample",
+            dtype=self.dtype,
+        )
+        u = u + skip.astype(u.dtype)
+        y = nn.relu(instance_norm("norm_1", self.dtype)(u))
+        y = nn.Dropout(self.dropout_rate, name="dropout_1")(y, deterministic=not train)
+        y = conv3(self.features, d, name="conv_1", dtype=self.dtype)(y)
+        y = nn.relu(instance_norm("norm_2", self.dtype)(y))
+        y = nn.Dropout(self.dropout_rate, name="dropout_2")(y, deterministic=not train)
+        y = conv3(self.features, d, name="conv_2", dtype=self.dtype)(y)
+        return y + u

@@ -1,0 +1,112 @@
+"""The pure training step: `train_step(state, batch) -> (state, metrics)`.
+
+`make_train_step(spec)` jits it with the state donated. Particles are vmapped; the
+ensemble's members are vmapped over their stacked parameters and optimiser states, so
+the K members train in one step on the same batch with their own keys.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vi_seg_jax.bayes.elbo import hard_dice, kl_scale, scaled_data_term
+from vi_seg_jax.bayes.guide import bayesian_paths, sample_kernels, split_params
+from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled
+from vi_seg_jax.train.state import ModelSpec, TrainState
+
+
+def _particle_data_terms(trainable, images, labels, key, spec: ModelSpec):
+    """Data term per particle [P] and the first particle's logits."""
+    params, guide = trainable["params"], trainable["guide"]
+
+    def one(particle_key):
+        noise_key, dropout_key = jax.random.split(particle_key)
+        if guide is None:
+            logits, _ = apply_backbone(spec.backbone, params, images, train=True, dropout_key=dropout_key)
+        elif spec.method.estimator == "lrt":
+            logits, _ = apply_lrt(
+                spec.backbone, params, guide, images, key=noise_key, train=True, dropout_key=dropout_key
+            )
+        else:
+            kernels = sample_kernels(noise_key, guide)
+            logits, _ = apply_sampled(spec.backbone, params, kernels, images, train=True, dropout_key=dropout_key)
+        return scaled_data_term(logits, labels, spec.objective), logits
+
+    data, logits = jax.vmap(one)(jax.random.split(key, spec.method.num_particles))
+    return data, logits[0]
+
+
+def loss_fn(trainable, images, labels, key, step, spec: ModelSpec):
+    """Negative ELBO (vi) or penalised loss (MAP methods), with metrics."""
+    data_key, kl_key = jax.random.split(key)
+    data, logits = _particle_data_terms(trainable, images, labels, data_key, spec)
+    data = jnp.mean(data)
+    if trainable["guide"] is not None:
+        kl = spec.prior.kl(trainable["guide"], kl_key)
+        beta = kl_scale(step, spec.objective)
+    else:
+        kernels, _ = split_params(trainable["params"], bayesian_paths(trainable["params"]))
+        kl = spec.prior.neg_log_prob(kernels)  # MAP: −log p(w), the L2 penalty
+        beta = jnp.ones((), jnp.float32)
+    loss = data + beta * kl
+    metrics = {
+        "loss": loss,
+        "data": data,
+        "kl": kl,
+        "kl_weight": beta,
+        "dice": hard_dice(logits, labels, spec.objective.likelihood.task),
+    }
+    return loss, metrics
+
+
+def _update(trainable, opt_state, images, labels, key, step, spec: ModelSpec):
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, images, labels, key, step, spec)
+    updates, opt_state = spec.optimizer.update(grads, opt_state, trainable)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return optax.apply_updates(trainable, updates), opt_state, metrics
+
+
+def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState, dict]:
+    """One optimisation step.
+
+    Args:
+      state: the current state.
+      batch: `(images [B, *S, C] float32, labels [B, *S] canonical classes)`.
+      spec: the static description of the model and method.
+
+    Returns:
+      The next state and scalar metrics: loss, data, kl, kl_weight, dice, grad_norm.
+    """
+    images, labels = batch
+    next_key, step_key = jax.random.split(state.key)
+    if spec.method.method == "ensemble":
+        member_keys = jax.random.split(step_key, spec.method.ensemble_size)
+
+        def member(params, opt_state, key):
+            trainable, opt_state, metrics = _update(
+                {"params": params, "guide": None}, opt_state, images, labels, key, state.step, spec
+            )
+            return trainable["params"], opt_state, metrics
+
+        params, opt_state, metrics = jax.vmap(member)(state.params, state.opt_state, member_keys)
+        metrics = jax.tree_util.tree_map(jnp.mean, metrics)
+        guide = None
+    else:
+        trainable = {"params": state.params, "guide": state.guide}
+        trainable, opt_state, metrics = _update(
+            trainable, state.opt_state, images, labels, step_key, state.step, spec
+        )
+        params, guide = trainable["params"], trainable["guide"]
+    new_state = state.replace(
+        step=state.step + 1, params=params, guide=guide, opt_state=opt_state, key=next_key
+    )
+    return new_state, metrics
+
+
+def make_train_step(spec: ModelSpec):
+    """`train_step` for `spec`, jitted, with the incoming state's buffers donated."""
+    return jax.jit(functools.partial(train_step, spec=spec), donate_argnums=(0,))
