@@ -137,6 +137,6 @@ def hard_dice(logits: jax.Array, labels: jax.Array, task: Task, smooth: float = 
     """Whole-tumour Dice of the thresholded batch prediction (a training metric)."""
     predicted = foreground_probability(logits, task) > 0.5
     truth = targets(labels, "wt") > 0
-    intersection = jnp.sum(predicted & truth)
-    total = jnp.sum(predicted) + jnp.sum(truth)
+    intersection = jnp.sum(predicted & truth, dtype=jnp.float32)
+    total = jnp.sum(predicted, dtype=jnp.float32) + jnp.sum(truth, dtype=jnp.float32)
     return (2.0 * intersection + smooth) / (total + smooth)

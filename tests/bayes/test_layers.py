@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.bayes.tiny import TinyNet, tiny_batch
+from vi_seg_jax.bayes.elbo import LikelihoodConfig, ObjectiveConfig, scaled_data_term
+from vi_seg_jax.bayes.guide import (
+    GuideConfig,
+    bayesian_paths,
+    init_guide,
+    merge_params,
+    sample_kernels,
+    split_params,
+)
+from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled
+
+NUM_DRAWS = 3000
+
+
+def _setup(log_var=-1.0):
+    images, labels = tiny_batch()
+    net = TinyNet()
+    params = net.init(jax.random.key(0), images)["params"]
+    kernels, rest = split_params(params, bayesian_paths(params))
+    guide = init_guide(jax.random.key(3), kernels, GuideConfig(init_loc_std=0.5, init_log_var=log_var))
+    return net, rest, guide, images, labels
+
+
+def test_zero_variance_lrt_is_the_mean_network():
+    net, rest, guide, images, _ = _setup(log_var=-60.0)
+    lrt, _ = apply_lrt(net, rest, guide, images, key=jax.random.key(0))
+    mean, _ = apply_backbone(net, merge_params(rest, guide.loc), images, train=False)
+    np.testing.assert_allclose(lrt, mean, atol=1e-4)
+
+
+def test_lrt_and_full_sampling_give_the_same_pre_activation_moments():
+    net, rest, guide, images, _ = _setup()
+    keys = jax.random.split(jax.random.key(5), NUM_DRAWS)
+    lrt = jax.vmap(lambda k: apply_lrt(net, rest, guide, images, key=k)[1]["hidden"])(keys)
+    full = jax.lax.map(
+        lambda k: apply_sampled(net, rest, sample_kernels(k, guide), images)[1]["hidden"],
+        keys,
+        batch_size=100,
+    )
+    # Exact moments of conv_1's output: mean conv(x, μ), variance conv(x², σ²).
+    x = np.asarray(images, np.float64)
+    mu = np.asarray(guide.loc["conv_1"]["kernel"], np.float64)
+    var = np.exp(np.asarray(guide.log_var["conv_1"]["kernel"], np.float64))
+    exact_mean = _numpy_conv_same(x, mu)
+    exact_var = _numpy_conv_same(x**2, var)
+    for draws in (lrt, full):
+        stderr = np.sqrt(exact_var / NUM_DRAWS)
+        assert np.all(np.abs(draws.mean(0) - exact_mean) < 5 * stderr + 1e-6)
+        np.testing.assert_allclose(draws.var(0), exact_var, rtol=0.15, atol=1e-6)
+
+
+def _numpy_conv_same(x, kernel):
+    """Reference 'SAME' 3×3 convolution (cross-correlation, as in lax), NumPy loops."""
+    batch, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((batch, h, w, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("bhwc,cf->bhwf", padded[:, i : i + h, j : j + w], kernel[i, j])
+    return out
+
+
+def test_lrt_gradient_variance_is_lower_than_full_sampling():
+    net, rest, guide, images, labels = _setup(log_var=-1.0)
+    objective = ObjectiveConfig(LikelihoodConfig(ce_weight=1.0, dice_weight=0.0), num_data=1.0)
+
+    def grad_of(estimator, key):
+        def loss(loc):
+            g = guide.replace(loc=loc)
+            if estimator == "lrt":
+                logits, _ = apply_lrt(net, rest, g, images, key=key)
+            else:
+                logits, _ = apply_sampled(net, rest, sample_kernels(key, g), images)
+            return scaled_data_term(logits, labels, objective)
+
+        return jax.grad(loss)(guide.loc)["conv_2"]["kernel"]
+
+    keys = jax.random.split(jax.random.key(11), 400)
+    variance = {
+        e: float(jax.lax.map(lambda k, e=e: grad_of(e, k), keys, batch_size=50).var(0).sum())
+        for e in ("lrt", "full")
+    }
+    assert variance["lrt"] < 0.8 * variance["full"], variance
+
+
+def test_lrt_noise_depends_on_the_key_only():
+    net, rest, guide, images, _ = _setup()
+    a = apply_lrt(net, rest, guide, images, key=jax.random.key(1))[0]
+    b = apply_lrt(net, rest, guide, images, key=jax.random.key(1))[0]
+    c = apply_lrt(net, rest, guide, images, key=jax.random.key(2))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert jnp.isfinite(a).all()
