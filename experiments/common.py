@@ -15,7 +15,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+def run_cli(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> None:
     """Runs `main(argv)`; bad input ends the process with one line on stderr and exit code 2."""
     warnings.formatwarning = _one_line_warning
     try:

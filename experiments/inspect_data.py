@@ -45,9 +45,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--require-labels", action="store_true", help="treat a case without seg file as bad"
     )
     parser.add_argument(
-        "--skip-bad", action="store_true", help="warn about bad cases and skip them instead of stopping"
+        "--skip-bad",
+        action="store_true",
+        help="warn about bad cases and skip them instead of stopping",
     )
-    parser.add_argument("--cache-dir", help="preprocessed cache folder (default: under the user cache)")
+    parser.add_argument(
+        "--cache-dir", help="preprocessed cache folder (default: under the user cache)"
+    )
     parser.add_argument(
         "--normalization",
         choices=("zscore", "minmax"),
@@ -61,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     data_dir = args.data_dir or ensure_default_dataset()
     dataset = discover_cases(
-        data_dir, modalities=args.modalities, require_labels=args.require_labels, skip_bad=args.skip_bad
+        data_dir,
+        modalities=args.modalities,
+        require_labels=args.require_labels,
+        skip_bad=args.skip_bad,
     )
     print(dataset.summary())
     start = time.perf_counter()
@@ -75,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     seconds = time.perf_counter() - start
 
-    print(f"{'case':<28} {'grid':>15} {'voxel mm':>16} " + " ".join(f"{r + ' ml':>8}" for r in REGION_NAMES))
+    print(
+        f"{'case':<28} {'grid':>15} {'voxel mm':>16} "
+        + " ".join(f"{r + ' ml':>8}" for r in REGION_NAMES)
+    )
     for case in prepared:
         voxel_ml = abs(np.linalg.det(case.affine[:3, :3])) / 1000.0
         spacing = "x".join(f"{s:.2g}" for s in np.linalg.norm(case.affine[:3, :3], axis=0))

@@ -4,9 +4,11 @@
     python -m experiments.make_data --out data/ms --cases 10 --domain lesions --layout msd
     python -m experiments.make_data --out data/full --cases 2 --shape 240 240 155
 
-About 0.2-0.5 s per case on the default 64 x 64 x 48 grid (one CPU core), plus about a second
-to load the MNI152 template once; 10-20 s per case at 240 x 240 x 155. The generator lives in
-`vi_seg_jax.data.synthetic`; see its docstring for what a case contains.
+About 0.5 s per case on the default 64 x 64 x 48 grid (one CPU core, writing included), plus
+about a second to load the MNI152 template once; 10-25 s per case at 240 x 240 x 155. Prints one
+line per case and a final summary. Output is written into a hidden sibling folder and renamed
+into place at the end; a non-empty --out is refused (exit status 2) unless --overwrite. The
+generator lives in `vi_seg_jax.data.synthetic`; see its docstring for what a case contains.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -62,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="voxels per axis over a 240 x 240 x 155 mm field of view (default: "
         f"{' '.join(map(str, DEFAULT_SHAPE))}; 240 240 155 gives BraTS's 1 mm grid)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=0, help="dataset seed (default: %(default)s)")
     parser.add_argument(
         "--no-mass-effect", action="store_true", help="do not push tissue away from tumours"
     )

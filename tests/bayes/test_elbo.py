@@ -18,14 +18,22 @@ from vi_seg_jax.bayes.elbo import (
     num_data_for_patches,
     scaled_data_term,
 )
-from vi_seg_jax.bayes.guide import GuideConfig, bayesian_paths, init_guide, sample_kernels, split_params
+from vi_seg_jax.bayes.guide import (
+    GuideConfig,
+    bayesian_paths,
+    init_guide,
+    sample_kernels,
+    split_params,
+)
 from vi_seg_jax.bayes.layers import apply_sampled
 from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.train.state import MethodConfig, ModelSpec, TrainState, create_train_state
 from vi_seg_jax.train.step import loss_fn
 
 NUM_DATA = 10
-TRUE_NLL = ObjectiveConfig(LikelihoodConfig(ce_weight=1.0, dice_weight=0.0, reduction="sum"), num_data=NUM_DATA)
+TRUE_NLL = ObjectiveConfig(
+    LikelihoodConfig(ce_weight=1.0, dice_weight=0.0, reduction="sum"), num_data=NUM_DATA
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +65,14 @@ def test_equals_numpyro_mean_field_elbo_for_the_same_key(tiny):
     theirs = TraceMeanField_ELBO().loss(key, params, numpyro_model, numpyro_guide, images, labels)
     # NumPyro seeds the guide with the second half of split(key) (one particle).
     _, guide_seed = jax.random.split(key)
-    trace = handlers.trace(handlers.seed(handlers.substitute(numpyro_guide, data=params), guide_seed)).get_trace(
-        images, labels
-    )
-    draws = {tuple(name.split(".")): site["value"] for name, site in trace.items() if site["type"] == "sample"}
+    trace = handlers.trace(
+        handlers.seed(handlers.substitute(numpyro_guide, data=params), guide_seed)
+    ).get_trace(images, labels)
+    draws = {
+        tuple(name.split(".")): site["value"]
+        for name, site in trace.items()
+        if site["type"] == "sample"
+    }
     ours = _our_loss(tiny, traverse_util.unflatten_dict(draws))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
@@ -70,8 +82,14 @@ def test_agrees_with_numpyro_trace_elbo_within_monte_carlo_error(tiny):
     guide, images, labels = tiny[2], tiny[3], tiny[4]
     params = reference.guide_param_map(guide)
     n = 2000
-    theirs = Trace_ELBO(num_particles=n).loss(jax.random.key(1), params, numpyro_model, numpyro_guide, images, labels)
-    ours = jax.lax.map(lambda k: _our_loss(tiny, sample_kernels(k, guide)), jax.random.split(jax.random.key(2), n), batch_size=250)
+    theirs = Trace_ELBO(num_particles=n).loss(
+        jax.random.key(1), params, numpyro_model, numpyro_guide, images, labels
+    )
+    ours = jax.lax.map(
+        lambda k: _our_loss(tiny, sample_kernels(k, guide)),
+        jax.random.split(jax.random.key(2), n),
+        batch_size=250,
+    )
     # Trace_ELBO's single-sample log q − log p term has more spread than the closed form.
     stderr = 3.0 * float(ours.std()) / np.sqrt(n)
     assert abs(float(ours.mean()) - float(theirs)) < 4 * stderr
@@ -99,12 +117,14 @@ def test_particles_vmapped_equal_a_python_loop(tiny):
         many = ModelSpec(net, MethodConfig(estimator=estimator, num_particles=4), TRUE_NLL)
         one = ModelSpec(net, MethodConfig(estimator=estimator, num_particles=1), TRUE_NLL)
         vmapped, _ = loss_fn(trainable, images, labels, key, step, many)
-        data_key, kl_key = jax.random.split(key)
+        data_key, _ = jax.random.split(key)
         loop = []
         for particle_key in jax.random.split(data_key, 4):
             # A one-particle data key whose single split yields `particle_key`.
             loop.append(
-                jax.jit(functools.partial(_one_particle_data, spec=one))(trainable, images, labels, particle_key)
+                jax.jit(functools.partial(_one_particle_data, spec=one))(
+                    trainable, images, labels, particle_key
+                )
             )
         expected = np.mean(loop) + float(NormalPrior(1.0).kl(guide))
         np.testing.assert_allclose(vmapped, expected, rtol=1e-5)
@@ -115,10 +135,15 @@ def _one_particle_data(trainable, images, labels, particle_key, spec):
 
     noise_key, _ = jax.random.split(particle_key)
     if spec.method.estimator == "lrt":
-        logits, _ = apply_lrt(spec.backbone, trainable["params"], trainable["guide"], images, key=noise_key)
+        logits, _ = apply_lrt(
+            spec.backbone, trainable["params"], trainable["guide"], images, key=noise_key
+        )
     else:
         logits, _ = apply_sampled(
-            spec.backbone, trainable["params"], sample_kernels(noise_key, trainable["guide"]), images
+            spec.backbone,
+            trainable["params"],
+            sample_kernels(noise_key, trainable["guide"]),
+            images,
         )
     return scaled_data_term(logits, labels, spec.objective)
 
@@ -145,7 +170,9 @@ def test_batch_scaling_is_n_over_b():
     labels = jnp.ones((3, 4, 4), jnp.uint8)
     objective = ObjectiveConfig(LikelihoodConfig(), num_data=12)
     per_example = data_term(logits, labels, objective.likelihood)
-    np.testing.assert_allclose(scaled_data_term(logits, labels, objective), 12 / 3 * per_example.sum(), rtol=1e-6)
+    np.testing.assert_allclose(
+        scaled_data_term(logits, labels, objective), 12 / 3 * per_example.sum(), rtol=1e-6
+    )
 
 
 def test_kl_warmup_is_linear_then_capped():
@@ -164,7 +191,10 @@ def test_dice_term_of_a_perfect_prediction_is_near_zero():
     assert float(data_term(-logits, labels, dice_only)[0]) > 0.99
     regions = jnp.stack([wt > 0, (wt > 0) & (labels != 2), labels == 3], -1)
     region_logits = 30.0 * (regions.astype(jnp.float32) - 0.5)
-    assert float(data_term(region_logits, labels, LikelihoodConfig(task="regions", ce_weight=0.0))[0]) < 1e-4
+    assert (
+        float(data_term(region_logits, labels, LikelihoodConfig(task="regions", ce_weight=0.0))[0])
+        < 1e-4
+    )
 
 
 def test_bad_likelihood_settings_are_refused():

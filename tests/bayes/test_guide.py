@@ -29,7 +29,9 @@ def test_default_selection_is_every_3x3_kernel_and_nothing_else():
 
 def test_initialisation_follows_the_config():
     kernels, _ = split_params(_params(), bayesian_paths(_params()))
-    guide = init_guide(jax.random.key(1), kernels, GuideConfig(init_loc_std=0.02, init_log_var=-10.0))
+    guide = init_guide(
+        jax.random.key(1), kernels, GuideConfig(init_loc_std=0.02, init_log_var=-10.0)
+    )
     locs = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(guide.loc)])
     assert abs(locs.std() - 0.02) < 0.01
     assert all(np.all(v == -10.0) for v in jax.tree_util.tree_leaves(guide.log_var))
@@ -42,7 +44,9 @@ def test_samples_have_the_guide_moments():
     kernels, _ = split_params(_params(), bayesian_paths(_params()))
     guide = init_guide(jax.random.key(1), kernels, GuideConfig(init_loc_std=0.5, init_log_var=-2.0))
     draws = jax.vmap(lambda k: sample_kernels(k, guide))(jax.random.split(jax.random.key(2), 4000))
-    for loc, draw in zip(jax.tree_util.tree_leaves(guide.loc), jax.tree_util.tree_leaves(draws), strict=True):
+    for loc, draw in zip(
+        jax.tree_util.tree_leaves(guide.loc), jax.tree_util.tree_leaves(draws), strict=True
+    ):
         np.testing.assert_allclose(draw.mean(0), loc, atol=5 * np.exp(-1.0) / np.sqrt(4000))
         np.testing.assert_allclose(draw.std(0), np.exp(-1.0), rtol=0.1)
     assert jax.tree_util.tree_leaves(draws)[0].dtype == jnp.float32

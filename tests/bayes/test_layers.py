@@ -22,7 +22,9 @@ def _setup(log_var=-1.0):
     net = TinyNet()
     params = net.init(jax.random.key(0), images)["params"]
     kernels, rest = split_params(params, bayesian_paths(params))
-    guide = init_guide(jax.random.key(3), kernels, GuideConfig(init_loc_std=0.5, init_log_var=log_var))
+    guide = init_guide(
+        jax.random.key(3), kernels, GuideConfig(init_loc_std=0.5, init_log_var=log_var)
+    )
     return net, rest, guide, images, labels
 
 

@@ -123,3 +123,20 @@ def test_hidden_and_macos_resource_files_are_ignored(tmp_path):
     dataset = discover_cases(tmp_path)
     assert [c.case_id for c in dataset.cases] == ["BRATS_001"]
     assert np.all([p.name == "BRATS_001.nii.gz" for p in dataset.cases[0].images.values()])
+
+
+@pytest.mark.parametrize("layout", ["brats2018", "brats2020", "brats2021", "brats2023", "msd"])
+def test_synthetic_data_of_every_layout_is_discovered_and_valid(tmp_path, layout):
+    from vi_seg_jax.data.conventions import MODALITIES
+    from vi_seg_jax.data.loading import load_case
+    from vi_seg_jax.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / layout, num_cases=4, layout=layout, shape=(32, 32, 24), seed=3)
+    dataset = discover_cases(tmp_path / layout, require_labels=True)
+    assert dataset.layout.name == layout
+    assert len(dataset) == 4
+    for case in dataset.cases:
+        volumes = load_case(case, MODALITIES)
+        assert volumes.image.shape == (32, 32, 24, 4)
+        assert set(np.unique(volumes.label)) <= {0, 1, 2, 3}
+        assert (volumes.label > 0).any()

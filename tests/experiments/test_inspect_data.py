@@ -37,7 +37,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     assert "Traceback" not in result.stderr
     # Nothing half-written is left in the cache.
     preprocessed = tmp_path / "cache" / "preprocessed"
-    assert not preprocessed.exists() or not any(p.glob("*/BraTS2021_00001") for p in preprocessed.iterdir())
+    assert not preprocessed.exists() or not any(
+        p.glob("*/BraTS2021_00001") for p in preprocessed.iterdir()
+    )
 
 
 def test_skip_bad_warns_in_one_line_and_continues(tmp_path):
@@ -54,4 +56,8 @@ def test_empty_folder_is_exit_code_2(tmp_path):
     (tmp_path / "empty").mkdir()
     result = _run("--data-dir", str(tmp_path / "empty"), cache=tmp_path / "cache")
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'empty'}: empty folder; " + result.stderr.split("empty folder; ")[1].strip()
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'empty'}: empty folder; "
+        + result.stderr.split("empty folder; ")[1].strip()
+    )

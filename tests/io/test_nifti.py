@@ -37,7 +37,9 @@ def test_label_map_keeps_the_source_geometry(tmp_path, suffix):
     source = read_nifti(_source(tmp_path))
     labels = np.zeros((3, 4, 5), np.uint8)
     labels[1, 2, 3] = 4
-    out = write_nifti(tmp_path / f"seg{suffix}", labels, affine=source.affine, header=source.header, kind="label")
+    out = write_nifti(
+        tmp_path / f"seg{suffix}", labels, affine=source.affine, header=source.header, kind="label"
+    )
     written = nib.load(out)
     assert written.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels)
@@ -58,7 +60,9 @@ def test_float_map_is_stored_unscaled_float32(tmp_path):
 
 def test_label_map_rejects_fractions(tmp_path):
     with pytest.raises(ValueError, match="label maps must hold integers"):
-        write_nifti(tmp_path / "seg.nii.gz", np.full((2, 2, 2), 0.5), affine=np.eye(4), kind="label")
+        write_nifti(
+            tmp_path / "seg.nii.gz", np.full((2, 2, 2), 0.5), affine=np.eye(4), kind="label"
+        )
 
 
 def test_write_is_atomic_when_saving_fails(tmp_path, monkeypatch):

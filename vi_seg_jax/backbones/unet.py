@@ -10,8 +10,8 @@ import jax
 
 from vi_seg_jax.backbones._blocks import (
     ResBlock,
-    Upsample,
     UpBlock,
+    Upsample,
     check_hyperparameters,
     check_input,
     conv1,

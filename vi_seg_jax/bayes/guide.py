@@ -59,7 +59,9 @@ class GuideParams:
         return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(self.loc))
 
 
-def bayesian_paths(params: Params, select: Callable[[Path, jax.Array], bool] = is_spatial_3x3_kernel) -> tuple[Path, ...]:
+def bayesian_paths(
+    params: Params, select: Callable[[Path, jax.Array], bool] = is_spatial_3x3_kernel
+) -> tuple[Path, ...]:
     """Sorted parameter paths that the guide covers."""
     flat = traverse_util.flatten_dict(dict(params))
     return tuple(sorted(path for path, leaf in flat.items() if select(path, leaf)))
@@ -89,7 +91,10 @@ def init_guide(key: jax.Array, kernels: Params, config: GuideConfig) -> GuidePar
     if config.init_loc_std is None:
         locs = [jnp.asarray(leaf, jnp.float32) for leaf in leaves]
     else:
-        locs = [config.init_loc_std * jax.random.normal(k, leaf.shape, jnp.float32) for k, leaf in zip(keys, leaves, strict=False)]
+        locs = [
+            config.init_loc_std * jax.random.normal(k, leaf.shape, jnp.float32)
+            for k, leaf in zip(keys, leaves, strict=False)
+        ]
     log_vars = [jnp.full(leaf.shape, config.init_log_var, jnp.float32) for leaf in leaves]
     return GuideParams(
         loc=jax.tree_util.tree_unflatten(treedef, locs),

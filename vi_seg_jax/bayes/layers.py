@@ -27,18 +27,38 @@ from vi_seg_jax.bayes.guide import GuideParams, merge_params
 LRT_EPSILON = 1e-10
 
 
-def apply_backbone(backbone: nn.Module, params, images: jax.Array, *, train: bool, dropout_key: jax.Array | None = None):
+def apply_backbone(
+    backbone: nn.Module,
+    params,
+    images: jax.Array,
+    *,
+    train: bool,
+    dropout_key: jax.Array | None = None,
+):
     """Plain forward pass; dropout is active when `train` and a key is given."""
     rngs = {"dropout": dropout_key} if dropout_key is not None else {}
     return backbone.apply({"params": params}, images, train=train, rngs=rngs)
 
 
-def apply_sampled(backbone, deterministic, kernels, images, *, train: bool = False, dropout_key=None):
+def apply_sampled(
+    backbone, deterministic, kernels, images, *, train: bool = False, dropout_key=None
+):
     """Forward pass of the network with the given kernel draw (see `sample_kernels`)."""
-    return apply_backbone(backbone, merge_params(deterministic, kernels), images, train=train, dropout_key=dropout_key)
+    return apply_backbone(
+        backbone, merge_params(deterministic, kernels), images, train=train, dropout_key=dropout_key
+    )
 
 
-def apply_lrt(backbone, deterministic, guide: GuideParams, images, *, key: jax.Array, train: bool = True, dropout_key=None):
+def apply_lrt(
+    backbone,
+    deterministic,
+    guide: GuideParams,
+    images,
+    *,
+    key: jax.Array,
+    train: bool = True,
+    dropout_key=None,
+):
     """Forward pass with the local reparameterisation trick.
 
     Args:
@@ -81,7 +101,9 @@ def _intercept_convs(layer_index, locs, variances, key):
             )
         finally:
             inside[0] = False
-        noise = jax.random.normal(jax.random.fold_in(key, layer_index[path]), mean.shape, mean.dtype)
+        noise = jax.random.normal(
+            jax.random.fold_in(key, layer_index[path]), mean.shape, mean.dtype
+        )
         return mean + jnp.sqrt(variance + LRT_EPSILON) * noise
 
     with nn.intercept_methods(interceptor):

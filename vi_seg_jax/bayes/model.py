@@ -30,7 +30,17 @@ def site_name(path: tuple[str, ...]) -> str:
     return ".".join(path)
 
 
-def model(images, labels=None, *, backbone, deterministic, kernel_shapes, prior_scale=1.0, num_data, task: Task = "wt"):
+def model(
+    images,
+    labels=None,
+    *,
+    backbone,
+    deterministic,
+    kernel_shapes,
+    prior_scale=1.0,
+    num_data,
+    task: Task = "wt",
+):
     """p(w) p(y | x, w) with the data plate subsampled to the batch.
 
     Args:
@@ -51,11 +61,15 @@ def model(images, labels=None, *, backbone, deterministic, kernel_shapes, prior_
         )
         for path, shape in sorted(kernel_shapes.items())
     }
-    logits, _ = apply_sampled(backbone, deterministic, traverse_util.unflatten_dict(kernels), images)
+    logits, _ = apply_sampled(
+        backbone, deterministic, traverse_util.unflatten_dict(kernels), images
+    )
     observed = None if labels is None else targets(labels, task)
     spatial_dims = images.ndim - 2
     with numpyro.plate("data", num_data, subsample_size=images.shape[0]):
-        numpyro.sample("labels", dist.Categorical(logits=logits).to_event(spatial_dims), obs=observed)
+        numpyro.sample(
+            "labels", dist.Categorical(logits=logits).to_event(spatial_dims), obs=observed
+        )
 
 
 def guide(images, labels=None, *, init: GuideParams, **unused):

@@ -73,7 +73,9 @@ def _load(path: Path) -> nib.Nifti1Image:
     try:
         image = nib.load(path)
     except nib.filebasedimages.ImageFileError:
-        raise DataError(path, "not a readable NIfTI file (unrecognised or truncated header)") from None
+        raise DataError(
+            path, "not a readable NIfTI file (unrecognised or truncated header)"
+        ) from None
     except _READ_ERRORS as error:
         raise DataError(path, f"not a readable NIfTI file ({error})") from None
     if not isinstance(image, nib.Nifti1Image):
@@ -149,7 +151,9 @@ def write_nifti(
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
             raise ValueError(f"{path}: label maps must hold integers")
-        out_dtype = np.uint8 if data.min(initial=0) >= 0 and data.max(initial=0) <= 255 else np.int16
+        out_dtype = (
+            np.uint8 if data.min(initial=0) >= 0 and data.max(initial=0) <= 255 else np.int16
+        )
         array = rounded.astype(out_dtype)
     elif kind == "float":
         array = np.asarray(data, dtype=np.float32)
@@ -164,7 +168,9 @@ def write_nifti(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
+    )
     os.close(fd)
     try:
         nib.save(image, tmp_name)

@@ -26,14 +26,24 @@ def _particle_data_terms(trainable, images, labels, key, spec: ModelSpec):
     def one(particle_key):
         noise_key, dropout_key = jax.random.split(particle_key)
         if guide is None:
-            logits, _ = apply_backbone(spec.backbone, params, images, train=True, dropout_key=dropout_key)
+            logits, _ = apply_backbone(
+                spec.backbone, params, images, train=True, dropout_key=dropout_key
+            )
         elif spec.method.estimator == "lrt":
             logits, _ = apply_lrt(
-                spec.backbone, params, guide, images, key=noise_key, train=True, dropout_key=dropout_key
+                spec.backbone,
+                params,
+                guide,
+                images,
+                key=noise_key,
+                train=True,
+                dropout_key=dropout_key,
             )
         else:
             kernels = sample_kernels(noise_key, guide)
-            logits, _ = apply_sampled(spec.backbone, params, kernels, images, train=True, dropout_key=dropout_key)
+            logits, _ = apply_sampled(
+                spec.backbone, params, kernels, images, train=True, dropout_key=dropout_key
+            )
         return scaled_data_term(logits, labels, spec.objective), logits
 
     data, logits = jax.vmap(one)(jax.random.split(key, spec.method.num_particles))
