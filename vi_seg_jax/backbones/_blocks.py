@@ -8,8 +8,8 @@ projection, upsampling and output convolutions (and V-Net's 2×2(×2) strided on
 deterministic part by default (method.md §2).
 
 Normalisation is instance norm without affine parameters (the paper code's
-`nn.InstanceNorm3d` defaults, eps 1e-5): no BatchNorm, so nothing mixes statistics across
-Monte Carlo samples and there is no `batch_stats` collection.
+`nn.InstanceNorm3d` defaults, eps 1e-5), a parameter-free function: no BatchNorm, so
+nothing mixes statistics across Monte Carlo samples and there is no `batch_stats` collection.
 """
 
 from __future__ import annotations
@@ -277,11 +277,21 @@ def conv1(
     )
 
 
-def instance_norm(name: str, dtype: Any = None) -> nn.InstanceNorm:
-    """Instance norm without affine parameters over the spatial axes of `[B, *S, C]`."""
-    return nn.InstanceNorm(
-        epsilon=NORM_EPSILON, use_scale=False, use_bias=False, dtype=dtype, name=name
-    )
+def instance_norm(x: jax.Array) -> jax.Array:
+    """Instance norm without affine parameters over the spatial axes of `[B, *S, C]`.
+
+    The same normalisation as `nn.InstanceNorm(epsilon=1e-5, use_scale=False,
+    use_bias=False)` (tested), written as a function: it has no parameters, and Flax's
+    norms cannot take bfloat16 inputs under `jax_numpy_dtype_promotion="strict"` (they
+    promote bfloat16 with float32 implicitly). Statistics are computed in float32 (two-pass
+    variance) and the result is cast back to `x.dtype`.
+    """
+    axes = tuple(range(1, x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    centred = xf - mean
+    var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+    return (centred * lax.rsqrt(var + NORM_EPSILON)).astype(x.dtype)
 
 
 def depth_to_space(x: jax.Array, spatial_dims: int) -> jax.Array:
@@ -341,8 +351,11 @@ def upsample2x(
         the exactly equivalent 1×1 conv named `name` to `2**d * features` channels followed
         by `depth_to_space` (the stride equals the kernel, so windows do not overlap). This
         keeps every convolution an `nn.Conv` and avoids `lax.conv_transpose`, whose 3D
-        gradient is slow in XLA (jax issue #31662). Its kernel has shape
-        `(1,) * d + (C, 2**d * features)`.
+        gradient is slow in XLA (jax issue #31662; 39-64× slower forward+backward here,
+        `benchmarks/upsampling.py`). Its kernel has shape `(1,) * d + (C, 2**d * features)`,
+        channel `(o_1, ..., o_d, c)` being the tap at offset `o`; it equals
+        `nn.ConvTranspose(features, (2,) * d, strides=(2,) * d, padding="VALID")` with
+        that module's kernel flipped along the spatial axes (tested).
     """
     d = spatial_dims
     if mode == "resize":
@@ -363,10 +376,10 @@ def upsample2x(
 class ResBlock(nn.Module):
     """The paper code's `BasicDownBlock`: a pre-activation residual block.
 
-    `y = conv_2(drop(relu(norm_2(conv_1(drop(relu(norm_1(x))))))))`, returned as `y + s`
-    where the shortcut `s` is `x` itself when the block keeps resolution and channels, and
-    `shortcut(relu(norm_1(x)))`, a 1×1(×1) conv with the block's stride, otherwise (the
-    paper code's pre-activated `ConvBlock(kernel=1, stride=2)`).
+    `y = conv_2(drop(relu(norm(conv_1(drop(relu(norm(x))))))))`, returned as `y + s` where
+    the shortcut `s` is `x` itself when the block keeps resolution and channels, and
+    `shortcut(relu(norm(x)))`, a 1×1(×1) conv with the block's stride, otherwise (the paper
+    code's pre-activated `ConvBlock(kernel=1, stride=2)`). `norm` is `instance_norm`.
 
     Attributes:
       features: output channels.
@@ -376,8 +389,7 @@ class ResBlock(nn.Module):
         `"dropout"`, active only when `train=True`).
       dtype: computation dtype of the convolutions (None: from inputs and parameters).
 
-    Submodules: `norm_1`, `conv_1`, `norm_2`, `conv_2`, `shortcut` (only when needed); the
-    norms have no parameters.
+    Submodules: `conv_1`, `conv_2`, `shortcut` (only when needed).
     """
 
     features: int
@@ -389,10 +401,10 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         d = self.spatial_dims
-        h = nn.relu(instance_norm("norm_1", self.dtype)(x))
+        h = nn.relu(instance_norm(x))
         y = nn.Dropout(self.dropout_rate, name="dropout_1")(h, deterministic=not train)
         y = conv3(self.features, d, strides=self.strides, name="conv_1", dtype=self.dtype)(y)
-        y = nn.relu(instance_norm("norm_2", self.dtype)(y))
+        y = nn.relu(instance_norm(y))
         y = nn.Dropout(self.dropout_rate, name="dropout_2")(y, deterministic=not train)
         y = conv3(self.features, d, name="conv_2", dtype=self.dtype)(y)
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -405,7 +417,7 @@ class ResBlock(nn.Module):
 class UpBlock(nn.Module):
     """The paper code's `BasicUpBlock`: upsample, add the skip, two pre-activation convs.
 
-    `u = up(relu(norm_up(x))) + skip`, `y = conv_2(...conv_1(drop(relu(norm_1(u)))))`,
+    `u = up(relu(norm(x))) + skip`, `y = conv_2(...conv_1(drop(relu(norm(u)))))`,
     returns `y + u`. `up` is `upsample2x` (a 1×1 conv named `upsample` plus resize, or the
     equivalent of a kernel-2 stride-2 transposed conv, see `upsample2x`).
 
@@ -416,7 +428,7 @@ class UpBlock(nn.Module):
       dropout_rate: as in `ResBlock`.
       dtype: computation dtype of the convolutions.
 
-    Submodules: `norm_up`, `upsample`, `norm_1`, `conv_1`, `norm_2`, `conv_2`.
+    Submodules: `upsample`, `conv_1`, `conv_2`.
     """
 
     features: int
@@ -428,7 +440,7 @@ class UpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array, *, train: bool = False) -> jax.Array:
         d = self.spatial_dims
-        h = nn.relu(instance_norm("norm_up", self.dtype)(x))
+        h = nn.relu(instance_norm(x))
         u = upsample2x(
             h,
             features=self.features,
@@ -438,10 +450,10 @@ class UpBlock(nn.Module):
             dtype=self.dtype,
         )
         u = u + skip.astype(u.dtype)
-        y = nn.relu(instance_norm("norm_1", self.dtype)(u))
+        y = nn.relu(instance_norm(u))
         y = nn.Dropout(self.dropout_rate, name="dropout_1")(y, deterministic=not train)
         y = conv3(self.features, d, name="conv_1", dtype=self.dtype)(y)
-        y = nn.relu(instance_norm("norm_2", self.dtype)(y))
+        y = nn.relu(instance_norm(y))
         y = nn.Dropout(self.dropout_rate, name="dropout_2")(y, deterministic=not train)
         y = conv3(self.features, d, name="conv_2", dtype=self.dtype)(y)
         return y + u
