@@ -41,7 +41,9 @@ def checkpoint_manager(directory: str | Path, *, keep_last: int = 3) -> ocp.Chec
         enable_async_checkpointing=False,
         create=True,
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+    return ocp.CheckpointManager(
+        Path(directory).absolute(), options=options, item_names=("state", "meta")
+    )
 
 
 def _saveable(state: TrainState) -> TrainState:
@@ -90,9 +92,7 @@ def restore_checkpoint(
     step = manager.latest_step() if step is None else step
     if step is None:
         raise DataError(manager.directory, "no checkpoint found")
-    abstract = jax.tree_util.tree_map(
-        ocp.utils.to_shape_dtype_struct, _saveable_abstract(like)
-    )
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _saveable_abstract(like))
     restored = manager.restore(
         step,
         args=ocp.args.Composite(

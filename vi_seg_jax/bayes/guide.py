@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct, traverse_util
 
 Path = tuple[str, ...]
@@ -103,12 +104,18 @@ def init_guide(key: jax.Array, kernels: Params, config: GuideConfig) -> GuidePar
 
 
 def sample_kernels(key: jax.Array, guide: GuideParams) -> dict:
-    """One draw w = loc + σ·ε of every Bayesian kernel (reparameterised)."""
-    leaves, treedef = jax.tree_util.tree_flatten(guide.loc)
-    keys = jax.random.split(key, max(len(leaves), 1))
+    """One draw w = loc + σ·ε of every Bayesian kernel (reparameterised).
+
+    All ε come from one `normal` call, split afterwards: one random-bits kernel instead of
+    one per layer keeps compilation fast.
+    """
+    locs, treedef = jax.tree_util.tree_flatten(guide.loc)
     scales = jax.tree_util.tree_leaves(guide.scale())
+    sizes = [loc.size for loc in locs]
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0, *sizes])
     draws = [
-        loc + scale * jax.random.normal(k, loc.shape, loc.dtype)
-        for k, loc, scale in zip(keys, leaves, scales, strict=False)
+        loc + scale * noise[start:stop].reshape(loc.shape).astype(loc.dtype)
+        for loc, scale, start, stop in zip(locs, scales, offsets[:-1], offsets[1:], strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, draws)

@@ -16,6 +16,7 @@ its parameter path through the guide's location and variance.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
@@ -66,20 +67,51 @@ def apply_lrt(
       deterministic: its non-Bayesian parameters.
       guide: q(w) over the Bayesian kernels.
       images: [B, *S, C].
-      key: noise for the pre-activations; layer i uses `fold_in(key, i)` in path order.
+      key: noise for the pre-activations (one draw for all layers, split in path order).
 
     Returns:
       The backbone's `(logits, aux)`.
     """
     locs = traverse_util.flatten_dict(guide.loc)
     variances = traverse_util.flatten_dict(jax.tree_util.tree_map(jnp.exp, guide.log_var))
-    layer_index = {path[:-1]: i for i, path in enumerate(sorted(locs))}
-    with _intercept_convs(layer_index, locs, variances, key):
+    layers = sorted(path[:-1] for path in locs)
+    noise = _layer_noise(key, _conv_output_shapes(backbone, deterministic, guide, images, layers))
+    with _intercept_convs(locs, variances, noise):
         return apply_backbone(backbone, deterministic, images, train=train, dropout_key=dropout_key)
 
 
+def _conv_output_shapes(backbone, deterministic, guide, images, layers):
+    """Output shape of each Bayesian convolution, found by abstract evaluation."""
+    shapes = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and tuple(context.module.path) in layers:
+            shapes[tuple(context.module.path)] = out.shape
+        return out
+
+    def forward(params):
+        with nn.intercept_methods(record):
+            return apply_backbone(backbone, params, images, train=False)
+
+    jax.eval_shape(forward, merge_params(deterministic, guide.loc))
+    return shapes
+
+
+def _layer_noise(key, shapes):
+    """ε for every layer from one `normal` call (one random-bits kernel compiles fast)."""
+    layers = sorted(shapes)
+    sizes = [math.prod(shapes[layer]) for layer in layers]
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    noise, start = {}, 0
+    for layer, size in zip(layers, sizes, strict=True):
+        noise[layer] = flat[start : start + size].reshape(shapes[layer])
+        start += size
+    return noise
+
+
 @contextlib.contextmanager
-def _intercept_convs(layer_index, locs, variances, key):
+def _intercept_convs(locs, variances, noise):
     inside = [False]  # the replacement convolutions must not be intercepted themselves
 
     def interceptor(next_fun, args, kwargs, context):
@@ -87,7 +119,7 @@ def _intercept_convs(layer_index, locs, variances, key):
         if inside[0] or context.method_name != "__call__" or not isinstance(module, nn.Conv):
             return next_fun(*args, **kwargs)
         path = tuple(module.path)
-        if path not in layer_index:
+        if path not in noise:
             return next_fun(*args, **kwargs)
         (inputs,) = args
         mean_params = {"kernel": locs[(*path, "kernel")]}
@@ -101,10 +133,7 @@ def _intercept_convs(layer_index, locs, variances, key):
             )
         finally:
             inside[0] = False
-        noise = jax.random.normal(
-            jax.random.fold_in(key, layer_index[path]), mean.shape, mean.dtype
-        )
-        return mean + jnp.sqrt(variance + LRT_EPSILON) * noise
+        return mean + jnp.sqrt(variance + LRT_EPSILON) * noise[path].astype(mean.dtype)
 
     with nn.intercept_methods(interceptor):
         yield

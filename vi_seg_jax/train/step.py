@@ -76,7 +76,7 @@ def loss_fn(trainable, images, labels, key, step, spec: ModelSpec):
 def _update(trainable, opt_state, images, labels, key, step, spec: ModelSpec):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, images, labels, key, step, spec)
     updates, opt_state = spec.optimizer.update(grads, opt_state, trainable)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return optax.apply_updates(trainable, updates), opt_state, metrics
 
 
