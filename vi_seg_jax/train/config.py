@@ -1,0 +1,148 @@
+"""Typed configuration of a training run (presets live in `experiments/configs.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+from vi_seg_jax.bayes.elbo import LikelihoodConfig
+from vi_seg_jax.bayes.guide import GuideConfig
+from vi_seg_jax.data.conventions import MODALITIES
+from vi_seg_jax.train.state import MethodConfig, OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Which backbone and its hyperparameters (None: the class default)."""
+
+    name: str = "unet"
+    spatial_dims: int = 3
+    features: tuple[int, ...] | None = None
+    short: bool = False
+    dropout_rate: float = 0.0
+
+    def kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"spatial_dims": self.spatial_dims, "dropout_rate": self.dropout_rate}
+        if self.features is not None:
+            kwargs["features"] = tuple(self.features)
+        if self.name == "unet":
+            kwargs["short"] = self.short
+        return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where cases come from and how training batches are drawn.
+
+    Attributes:
+      data_dir: a BraTS-layout folder; None for the embedded synthetic dataset.
+      modalities: input channels, in order.
+      normalization: `zscore` or `minmax` inside the brain mask.
+      test_size / validation_size: fixed, seeded held-out sets (never trained on).
+      train_size: training cases drawn from the rest (None: all of the rest).
+      split_seed: seed of the splits (independent of the training seed).
+      patch_shape: training patch, 3 ints (3D) or 2 (2D axial slices).
+      batch_size: patches per step.
+      foreground_fraction: share of patches forced to contain tumour.
+    """
+
+    data_dir: str | None = None
+    modalities: tuple[str, ...] = MODALITIES
+    normalization: Literal["zscore", "minmax"] = "zscore"
+    test_size: int = 10
+    validation_size: int = 5
+    train_size: int | None = 20
+    split_seed: int = 0
+    patch_shape: tuple[int, ...] = (32, 32, 32)
+    batch_size: int = 2
+    foreground_fraction: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """How long to train and when to validate and save.
+
+    Attributes:
+      steps: optimisation steps in all.
+      steps_per_epoch: steps counted as one epoch (learning-rate decay and early-stopping
+        patience are in epochs, as in the paper code).
+      decay_every_epochs: halve the learning rate every this many epochs (paper: 50).
+      validate_every_epochs: validation period.
+      validation_samples: Monte Carlo samples per validation volume.
+      patience_epochs: stop when validation Dice has not improved for this long (paper:
+        15); None disables early stopping.
+      keep_checkpoints: how many of the latest checkpoints to keep (plus the best).
+    """
+
+    steps: int = 600
+    steps_per_epoch: int = 50
+    decay_every_epochs: int = 50
+    validate_every_epochs: int = 2
+    validation_samples: int = 4
+    patience_epochs: int | None = 15
+    keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run."""
+
+    backbone: BackboneConfig = BackboneConfig()
+    method: MethodConfig = MethodConfig()
+    prior: Literal["normal"] = "normal"
+    likelihood: LikelihoodConfig = LikelihoodConfig()
+    kl_weight: float = 1.0
+    kl_warmup_epochs: int = 0
+    learning_rate: float = 1e-3
+    clip_norm: float | None = None
+    data: DataConfig = DataConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    seed: int = 0
+    preset: str = "custom"
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(
+            learning_rate=self.learning_rate,
+            decay_every_steps=self.schedule.decay_every_epochs * self.schedule.steps_per_epoch,
+            clip_norm=self.clip_norm,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        def build(kind, values):
+            fields = {f.name: f for f in dataclasses.fields(kind)}
+            kwargs = {}
+            for name, value in values.items():
+                if name not in fields:
+                    raise ValueError(f"unknown config field {kind.__name__}.{name}")
+                sub = _dataclass_type(kind, name)
+                if sub is not None:
+                    kwargs[name] = build(sub, value)
+                elif isinstance(value, list):
+                    kwargs[name] = tuple(value)
+                else:
+                    kwargs[name] = value
+            return kind(**kwargs)
+
+        return build(cls, data)
+
+
+_NESTED = {
+    (TrainConfig, "backbone"): BackboneConfig,
+    (TrainConfig, "method"): MethodConfig,
+    (TrainConfig, "likelihood"): LikelihoodConfig,
+    (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "schedule"): ScheduleConfig,
+    (MethodConfig, "guide"): GuideConfig,
+}
+
+
+def _dataclass_type(kind, name):
+    return _NESTED.get((kind, name))

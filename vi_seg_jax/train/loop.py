@@ -1,0 +1,334 @@
+"""`train_and_evaluate(config, workdir)`: the whole training job.
+
+Data (discovered, validated, preprocessed into the cache, split with a fixed seed) →
+patch sampler → jitted `train_step` → periodic Monte Carlo validation (Dice/IoU per
+volume) → Orbax checkpoints (last K and best) → early stopping → summary files and figure.
+
+Reproducibility and resume: the root key is split once into `init`, `train`, `eval` and
+`data` keys. Batch s is `sampler.batch_at(data_key, s)`; step noise comes from the key in
+the train state. So a run resumed from its last checkpoint replays exactly the batches and
+noise of an uninterrupted run and reaches bitwise the same parameters (on the same machine
+and software).
+
+Workdir contents: `config.json`, `splits.json`, `metrics.jsonl` (one JSON object per line,
+each with `step`), `summary.json`, `validation.png`, `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from vi_seg_jax.backbones import get_backbone
+from vi_seg_jax.bayes.elbo import ObjectiveConfig, num_data_for_patches
+from vi_seg_jax.bayes.priors import NormalPrior
+from vi_seg_jax.checkpoint import checkpoint_manager, read_meta, restore_checkpoint, save_checkpoint
+from vi_seg_jax.data.cache import PreparedCase, prepare_dataset
+from vi_seg_jax.data.default import ensure_default_dataset
+from vi_seg_jax.data.discovery import discover_cases
+from vi_seg_jax.data.preprocess import PreprocessConfig
+from vi_seg_jax.data.sampler import PatchSampler
+from vi_seg_jax.data.splits import make_splits
+from vi_seg_jax.errors import DataError
+from vi_seg_jax.metrics import dice, iou
+from vi_seg_jax.plots import uncertainty_figure
+from vi_seg_jax.train.config import TrainConfig
+from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
+from vi_seg_jax.train.step import make_train_step
+from vi_seg_jax.uncertainty import posterior_predictive, sample_fn_for
+
+LOG_EVERY_STEPS = 10
+# Config fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = {("schedule", "steps"), ("schedule", "patience_epochs")}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what to do."""
+
+
+@dataclasses.dataclass
+class _Progress:
+    best_val_dice: float = -1.0
+    best_step: int = -1
+    last_improvement_step: int = 0
+
+
+def build_spec(config: TrainConfig, num_data: float) -> ModelSpec:
+    """The static model description of a run."""
+    backbone = get_backbone(
+        config.backbone.name, num_classes=config.likelihood.num_outputs, **config.backbone.kwargs()
+    )
+    objective = ObjectiveConfig(
+        likelihood=config.likelihood,
+        num_data=num_data,
+        kl_weight=config.kl_weight,
+        kl_warmup_steps=config.kl_warmup_epochs * config.schedule.steps_per_epoch,
+    )
+    if config.prior != "normal":
+        raise ValueError(f"unknown prior {config.prior!r}; available: normal")
+    prior = NormalPrior(config.method.prior_scale)
+    return ModelSpec(backbone, config.method, objective, config.optim(), prior)
+
+
+def backbone_multiple(config: TrainConfig) -> int:
+    """Spatial sizes must be multiples of 2**depth of the backbone."""
+    backbone = get_backbone(config.backbone.name, num_classes=2, **config.backbone.kwargs())
+    return 2 ** (len(backbone.features) - 1)
+
+
+def load_data(config: TrainConfig, *, progress: bool = True):
+    """Discovers, splits and prepares the cases. Returns (splits, train cases, val cases)."""
+    data_dir = config.data.data_dir or ensure_default_dataset(progress=progress)
+    dataset = discover_cases(data_dir, modalities=config.data.modalities, require_labels=True)
+    held_out = config.data.test_size + config.data.validation_size
+    train_size = config.data.train_size or len(dataset) - held_out
+    if train_size < 1 or held_out + train_size > len(dataset):
+        raise DataError(
+            dataset.root,
+            f"{len(dataset)} cases cannot give {config.data.test_size} test, "
+            f"{config.data.validation_size} validation and {train_size} training cases",
+        )
+    splits = make_splits(
+        [case.case_id for case in dataset.cases],
+        config.data.split_seed,
+        test_size=config.data.test_size,
+        validation_size=config.data.validation_size,
+        train_sizes=(train_size,),
+        repeats=1,
+    )
+    patch = tuple(config.data.patch_shape)
+    min_shape = patch if len(patch) == 3 else (*patch, 1)
+    preprocess_config = PreprocessConfig(
+        normalization=config.data.normalization, multiple=backbone_multiple(config), min_shape=min_shape
+    )
+    by_id = {case.case_id: case for case in dataset.cases}
+    wanted = set(splits.train[(train_size, 0)]) | set(splits.validation)
+    subset = dataclasses.replace(dataset, cases=tuple(by_id[c] for c in sorted(wanted)))
+    prepared = {
+        case.case_id: case
+        for case in prepare_dataset(
+            subset, modalities=config.data.modalities, config=preprocess_config, progress=progress
+        )
+    }
+    train = [prepared[c] for c in splits.train[(train_size, 0)]]
+    validation = [prepared[c] for c in splits.validation]
+    return dataset, splits, train, validation
+
+
+def train_and_evaluate(
+    config: TrainConfig, workdir: str | Path, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Trains, validates and checkpoints; returns the summary also written to `summary.json`."""
+    start_time = time.perf_counter()
+    workdir = Path(workdir)
+    checkpoints = workdir / "checkpoints"
+    manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
+    if manager.latest_step() is not None and not resume:
+        raise DataError(workdir, "already holds checkpoints; pass --resume to continue or choose another --workdir")
+    if resume and manager.latest_step() is not None:
+        _check_same_run(read_meta(manager)["config"], config, checkpoints)
+
+    dataset, splits, train_cases, validation_cases = load_data(config, progress=progress)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", config.to_dict())
+    _write_json(workdir / "splits.json", {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()})
+
+    sampler = PatchSampler(
+        [case.image for case in train_cases],
+        [case.label for case in train_cases],
+        patch_shape=config.data.patch_shape,
+        batch_size=config.data.batch_size,
+        foreground_fraction=config.data.foreground_fraction,
+    )
+    num_data = num_data_for_patches([c.image.shape[:3] for c in train_cases], config.data.patch_shape)
+    spec = build_spec(config, num_data)
+    init_key, _, eval_key, data_key = jax.random.split(jax.random.key(config.seed), 4)
+    state = create_train_state(init_key, spec, sampler.batch_at(data_key, 0).images)
+    progress_state = _Progress()
+    if resume and manager.latest_step() is not None:
+        state, meta = restore_checkpoint(manager, state)
+        progress_state = _Progress(**meta["progress"])
+    _truncate_log(workdir / "metrics.jsonl", int(state.step))
+
+    train_step = make_train_step(spec)
+    validate = _validator(spec, config, validation_cases, eval_key)
+    schedule = config.schedule
+    validate_every = schedule.validate_every_epochs * schedule.steps_per_epoch
+    patience = None if schedule.patience_epochs is None else schedule.patience_epochs * schedule.steps_per_epoch
+    first_step = int(state.step)
+    stopped_early = False
+    bar = tqdm(total=schedule.steps, initial=first_step, desc="training", unit="step", disable=None if progress else True)
+    with bar, open(workdir / "metrics.jsonl", "a") as log:
+        for step in range(first_step, schedule.steps):
+            batch = sampler.batch_at(data_key, step)
+            state, metrics = train_step(state, (batch.images, batch.labels))
+            done = step + 1
+            if done % LOG_EVERY_STEPS == 0 or done == schedule.steps or done % validate_every == 0:
+                values = {k: float(v) for k, v in metrics.items()}
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise TrainingError(
+                        f"loss became {values['loss']} at step {done}; the last good checkpoint "
+                        f"(step {manager.latest_step()}) in {checkpoints} is intact — lower "
+                        "--learning-rate or raise --kl-warmup-epochs"
+                    )
+                _log(log, {"step": done, **values})
+                bar.set_postfix(loss=f"{values['loss']:.3g}", kl=f"{values['kl']:.3g}", dice=f"{values['dice']:.3f}")
+            bar.update(1)
+            if done % validate_every == 0 or done == schedule.steps:
+                result = validate(state)
+                _log(log, {"step": done, **result})
+                if result["val_dice"] > progress_state.best_val_dice:
+                    progress_state = _Progress(result["val_dice"], done, done)
+                meta = {"config": config.to_dict(), "progress": dataclasses.asdict(progress_state), "sampler_position": done}
+                save_checkpoint(manager, state, meta, metrics={"val_dice": result["val_dice"]})
+                bar.write(f"step {done}: val_dice {result['val_dice']:.4f} val_iou {result['val_iou']:.4f}")
+                if patience is not None and done - progress_state.last_improvement_step >= patience:
+                    stopped_early = True
+                    bar.write(f"early stopping: no validation improvement for {schedule.patience_epochs} epochs")
+                    break
+
+    final = _last_validation(workdir / "metrics.jsonl")
+    summary = {
+        "backbone": config.backbone.name,
+        "method": config.method.method,
+        "steps": int(state.step),
+        "stopped_early": stopped_early,
+        "final_val_dice": final["val_dice"],
+        "final_val_iou": final["val_iou"],
+        "best_val_dice": progress_state.best_val_dice,
+        "best_step": progress_state.best_step,
+        "wall_seconds": time.perf_counter() - start_time,
+        "num_train_cases": len(train_cases),
+        "num_validation_cases": len(validation_cases),
+    }
+    _write_json(workdir / "summary.json", summary)
+    _figure(workdir / "validation.png", spec, state, validation_cases[0], eval_key, config)
+    return summary
+
+
+def _check_same_run(saved: dict, config: TrainConfig, checkpoints: Path) -> None:
+    current = config.to_dict()
+    for section, values in current.items():
+        if isinstance(values, dict):
+            for name, value in values.items():
+                old = saved.get(section, {}).get(name)
+                if (section, name) not in _RESUMABLE_CHANGES and _jsonable(old) != _jsonable(value):
+                    raise DataError(
+                        checkpoints,
+                        f"checkpoint was written with {section}.{name}={old!r}, this run has {value!r}; "
+                        "use the same settings to resume or another --workdir",
+                    )
+        elif _jsonable(saved.get(section)) != _jsonable(values):
+            raise DataError(
+                checkpoints,
+                f"checkpoint was written with {section}={saved.get(section)!r}, this run has {values!r}; "
+                "use the same settings to resume or another --workdir",
+            )
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _volume_batch(image: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """[X, Y, Z, C] -> [1, X, Y, Z, C] (3D) or [Z, X, Y, C] axial slices (2D)."""
+    return image[None] if spatial_dims == 3 else np.moveaxis(image, 2, 0)
+
+
+def _from_batch(array: jax.Array, spatial_dims: int) -> np.ndarray:
+    """Inverse of `_volume_batch` for per-voxel outputs [..., K]."""
+    array = np.asarray(array)
+    return array[0] if spatial_dims == 3 else np.moveaxis(array, 0, 2)
+
+
+def _validator(spec: ModelSpec, config: TrainConfig, cases: list[PreparedCase], eval_key: jax.Array):
+    """A function state -> {val_dice, val_iou} (means over validation volumes)."""
+    dims = config.backbone.spatial_dims
+    # Pad every validation volume to one shape so the predictive compiles once.
+    shape = tuple(np.max([c.image.shape[:3] for c in cases], axis=0))
+    method = config.method
+    samples = method.ensemble_size if method.method == "ensemble" else config.schedule.validation_samples
+    samples = 1 if method.method == "deterministic" else samples
+
+    @jax.jit
+    def predict(state: TrainState, images: jax.Array, key: jax.Array) -> jax.Array:
+        out = posterior_predictive(sample_fn_for(spec, state), images, key, num_samples=samples, task=spec.objective.likelihood.task)
+        return out.mean
+
+    def validate(state: TrainState) -> dict[str, float]:
+        dices, ious = [], []
+        for index, case in enumerate(cases):
+            image = _pad_to(np.asarray(case.image), shape)
+            probs = _from_batch(predict(state, _volume_batch(image, dims), jax.random.fold_in(eval_key, index)), dims)
+            extent = tuple(slice(0, s) for s in case.image.shape[:3])
+            predicted = _whole_tumour(probs[extent], config.likelihood.task)
+            truth = np.asarray(case.label) > 0
+            dices.append(dice(predicted, truth))
+            ious.append(iou(predicted, truth))
+        return {"val_dice": float(np.mean(dices)), "val_iou": float(np.mean(ious))}
+
+    return validate
+
+
+def _whole_tumour(probs: np.ndarray, task: str) -> np.ndarray:
+    return probs[..., 1] > 0.5 if task == "wt" else probs[..., 0] > 0.5
+
+
+def _pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    pad = [(0, s - n) for s, n in zip(shape, image.shape[:3], strict=True)] + [(0, 0)]
+    return np.pad(image, pad)
+
+
+def _figure(path: Path, spec: ModelSpec, state: TrainState, case: PreparedCase, eval_key, config: TrainConfig):
+    dims = config.backbone.spatial_dims
+    method = config.method
+    samples = method.ensemble_size if method.method == "ensemble" else max(config.schedule.validation_samples, 2)
+    out = jax.jit(
+        lambda s, x: posterior_predictive(
+            sample_fn_for(spec, s), x, eval_key, num_samples=samples, task=spec.objective.likelihood.task
+        )
+    )(state, _volume_batch(np.asarray(case.image), dims))
+    channel = 1 if config.likelihood.task == "wt" else 0
+    mean = _from_batch(out.mean, dims)
+    uncertainty_figure(
+        path,
+        image=np.asarray(case.image)[..., -1],
+        truth=np.asarray(case.label) > 0,
+        prediction=_whole_tumour(mean, config.likelihood.task),
+        aleatoric=_from_batch(out.aleatoric, dims)[..., channel],
+        epistemic=_from_batch(out.epistemic, dims)[..., channel],
+        title=f"{case.case_id}: {config.backbone.name}, {config.method.method}, {samples} samples",
+    )
+
+
+def _log(handle, record: dict[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drops log lines written after `step` (by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _last_validation(path: Path) -> dict[str, float]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if "val_dice" in line]
+    return records[-1]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
