@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -15,11 +16,25 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def enable_compile_cache() -> None:
+    """JAX's persistent compilation cache under the project cache folder, unless the user
+    set `JAX_COMPILATION_CACHE_DIR`: a second run of a command skips most compilation."""
+    import jax
+
+    from vi_seg_jax.data.cache import cache_root
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def run_cli(
     main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
 ) -> None:
     """Runs `main(argv)`; bad input ends the process with one line on stderr and exit code 2."""
     warnings.formatwarning = _one_line_warning
+    enable_compile_cache()
     try:
         status = main(argv)
     except DataError as error:

@@ -18,6 +18,8 @@ jax.config.update(
     ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# Tiny shapes: compilation, not execution, dominates the suite's time.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture

@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from vi_seg_jax.bayes.elbo import Task, probabilities
-from vi_seg_jax.bayes.guide import sample_kernels
+from vi_seg_jax.bayes.guide import merge_params, sample_kernels
 from vi_seg_jax.bayes.layers import apply_backbone, apply_sampled
-from vi_seg_jax.bayes.guide import merge_params
 from vi_seg_jax.train.state import ModelSpec, TrainState
 
 _TINY = 1e-12

@@ -76,9 +76,9 @@ def test_prepare_dataset_skips_bad_cases_when_asked(tmp_path):
     bad = write_case(tmp_path / "data", "brats2021", "BraTS2021_00002")
     (bad / "BraTS2021_00002_t2.nii.gz").write_bytes(b"garbage")
     dataset = discover_cases(tmp_path / "data")
-    with pytest.raises(DataError, match="BraTS2021_00002_t2.nii.gz: not a readable NIfTI"):
+    with pytest.raises(DataError, match=r"BraTS2021_00002_t2\.nii\.gz: not a readable NIfTI"):
         prepare_dataset(dataset, tmp_path / "cache", modalities=MODALITIES, config=CONFIG)
-    with pytest.warns(BadCaseWarning, match="BraTS2021_00002_t2.nii.gz"):
+    with pytest.warns(BadCaseWarning, match=r"BraTS2021_00002_t2\.nii\.gz"):
         prepared = prepare_dataset(
             dataset, tmp_path / "cache", modalities=MODALITIES, config=CONFIG, skip_bad=True
         )

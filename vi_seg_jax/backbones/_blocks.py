@@ -14,6 +14,10 @@ nothing mixes statistics across Monte Carlo samples and there is no `batch_stats
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -111,6 +115,43 @@ def check_input(cls_name: str, x: jax.Array, *, spatial_dims: int, depth: int) -
 # --------------------------------------------------------------------------- layers
 
 
+ConvImpl = Literal["auto", "lax", "s2d", "stacked", "summed", "gemm"]
+CONV_IMPLS: tuple[str, ...] = ("auto", "lax", "s2d", "stacked", "summed", "gemm")
+
+# The implementation `conv_general_dilated` uses, read at trace time (see `conv_impl`).
+_CONV_IMPL: list[str] = ["auto"]
+
+# "auto" stacks the depth taps into the channels (one 2D conv) while `K * C_in` is at most
+# this, and sums one 2D conv per depth tap above it (measured, see `conv_general_dilated`).
+STACK_MAX_CHANNELS = 24
+
+# "auto" uses the GEMM formulation for convs with at least this many output voxels.
+GEMM_MIN_VOXELS = 32**3
+
+
+@contextlib.contextmanager
+def conv_impl(impl: ConvImpl):
+    """Selects how `conv_general_dilated` computes 3D convs while tracing inside the block.
+
+    For benchmarks and tests; every choice is exact (to float rounding):
+      `"auto"` (default): `"s2d"` for strided convs, then each stride-1 3D conv as 2D
+        convolutions over the first spatial axis ("stacked" or "summed" by channel count).
+      `"lax"`: plain `lax.conv_general_dilated` everywhere.
+      `"s2d"`: only the strided rewrite (space-to-depth); stride-1 convs go to XLA's 3D conv.
+      `"stacked"` / `"summed"`: like `"auto"` with that depth-fold formulation for every conv.
+
+    The choice is read when a function is traced: jit a fresh function inside the block.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {CONV_IMPLS!r}, got {impl!r}")
+    previous = _CONV_IMPL[0]
+    _CONV_IMPL[0] = impl
+    try:
+        yield
+    finally:
+        _CONV_IMPL[0] = previous
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -124,40 +165,44 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: Any = None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with a fast, exact path for strided 3D channels-last convs.
+    """`lax.conv_general_dilated` with fast, exact paths for 3D channels-last convs.
 
     Every backbone conv passes this to `nn.Conv(conv_general_dilated=...)`; the kernel
-    parameter and its shape are unchanged. Stride-1 and 2D convs go straight to XLA. For 3D
-    convs with strides > 1 (channels-last, no dilation, no groups) XLA's CPU backward pass
-    (an input-dilated conv, the same slow path as jax issue #31662) is 10-60× slower than
-    the forward pass, so the conv is rewritten exactly:
+    parameter and its shape are unchanged. 2D convs, and any 3D conv that is not
+    channels-last without dilation or groups, go straight to XLA. XLA's CPU 3D convolution
+    is slow (12-18 GFLOP/s forward+backward on a 2-core Zen 4 at the U-Net's sizes, 3 GFLOP/s
+    with 4 input channels) while its 2D convolution is fast, so 3D convs are rewritten:
 
-    - a 1×1(×1) kernel: subsample the (padded) input, then a stride-1 conv;
-    - a kernel `K` with stride `s`: pad/crop the input to `s * (n_out + Q - 1)` per axis,
-      `Q = ceil(K / s)`, space-to-depth by `s`, and a stride-1 VALID conv with the kernel
-      zero-padded to `Q * s` and rearranged to `(Q,) * d + (s**d * C_in, C_out)`.
+    1. Strided (stride > 1). XLA's CPU backward pass of a strided 3D conv (an input-dilated
+       conv, the same slow path as jax issue #31662) is 10-60× slower than the forward pass,
+       so it becomes a stride-1 conv:
+       - a 1×1(×1) kernel: subsample the (padded) input, then a stride-1 conv;
+       - a kernel `K` with stride `s`: pad/crop the input to `s * (n_out + Q - 1)` per axis,
+         `Q = ceil(K / s)`, space-to-depth by `s`, and a stride-1 VALID conv with the kernel
+         zero-padded to `Q * s` and rearranged to `(Q,) * d + (s**d * C_in, C_out)`; its
+         forward pass costs `(Q * s / K)**d` times the strided conv's FLOPs (2.4× for a
+         3×3×3 stride-2 conv), and forward+backward is 6-19× faster on CPU.
+    2. Stride 1 with a kernel of `K > 1` taps along the first spatial axis: that axis is
+       padded, the `K` shifted slices are taken and folded into the batch, and the conv
+       becomes 2D convolutions over the other two axes, either one conv on the slices
+       stacked along channels with a `(K1, K2, K * C_in, C_out)` kernel ("stacked", best
+       for few input channels) or the sum of `K` convs with the kernel's slices ("summed").
+       Exact to float rounding; XLA differentiates it into 2D convs as well.
 
-    Both are plain stride-1 convolutions whose gradients XLA runs fast; the forward pass
-    costs `(Q * s / K)**d` times the strided conv's FLOPs (2.4× for a 3×3×3 stride-2 conv),
-    and forward+backward is 6-19× faster on CPU at the backbones' sizes (3×3×3, 2×2×2 and
-    1×1×1 stride-2 kernels, jax 0.10.2, 2-core Zen 3). In 2D XLA's strided backward is
-    fine and the rewrite measured slower, so 2D, like any other configuration, falls back to
-    `lax.conv_general_dilated` unchanged.
+    Measured in the real 3D U-Net training step (see `benchmarks/train_step.py`): see the
+    module's `conv_impl` and the benchmark's docstring for the numbers.
 
     A variational layer replacing `nn.Conv.__call__` should call this function (it is the
     module's `conv_general_dilated` attribute) with the module's strides and padding.
     """
     nd = lhs.ndim
     d = nd - 2
+    impl = _CONV_IMPL[0]
     strides = tuple(int(s) for s in window_strides)
-    channels_last = lax.ConvDimensionNumbers(
-        (0, nd - 1, *range(1, nd - 1)),
-        (nd - 1, nd - 2, *range(nd - 2)),
-        (0, nd - 1, *range(1, nd - 1)),
-    )
+    channels_last = _channels_last(nd)
     fast = (
-        d == 3
-        and any(s > 1 for s in strides)
+        impl != "lax"
+        and d == 3
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == channels_last
         and all(v == 1 for v in (lhs_dilation or (1,) * d))
         and all(v == 1 for v in (rhs_dilation or (1,) * d))
@@ -183,14 +228,12 @@ def conv_general_dilated(
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(spatial, ksize, strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    conv = dict(precision=precision, preferred_element_type=preferred_element_type)
+    if all(s == 1 for s in strides):
+        return _conv3d_stride1(lhs, rhs, pads, impl, **conv)
     n_out = tuple(
         (n + lo + hi - k) // s + 1
         for n, (lo, hi), k, s in zip(spatial, pads, ksize, strides, strict=True)
-    )
-    conv = dict(
-        dimension_numbers=channels_last,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
     )
     zero = jnp.zeros((), lhs.dtype)
     if all(k == 1 for k in ksize):
@@ -205,7 +248,7 @@ def conv_general_dilated(
             ),
             (1, *strides, 1),
         )
-        return lax.conv_general_dilated(x, rhs, (1,) * d, "VALID", **conv)
+        return _conv3d_stride1(x, rhs, ((0, 0),) * d, impl, **conv)
     q = tuple(-(-k // s) for k, s in zip(ksize, strides, strict=True))
     # Pad (or crop, with a negative high pad) every axis to s * (n_out + q - 1).
     hi_pads = tuple(
@@ -230,7 +273,183 @@ def conv_general_dilated(
     w = w.reshape(*(v for qq, s in zip(q, strides, strict=True) for v in (qq, s)), c, o)
     w = jnp.transpose(w, (*range(0, 2 * d, 2), *range(1, 2 * d, 2), 2 * d, 2 * d + 1))
     w = w.reshape(*q, int(np.prod(strides)) * c, o)
-    return lax.conv_general_dilated(x, w, (1,) * d, "VALID", **conv)
+    return _conv3d_stride1(x, w, ((0, 0),) * d, impl, **conv)
+
+
+def _channels_last(nd: int) -> lax.ConvDimensionNumbers:
+    """Dimension numbers of a channels-last conv of rank `nd` (NHWC / HWIO / NHWC)."""
+    return lax.ConvDimensionNumbers(
+        (0, nd - 1, *range(1, nd - 1)),
+        (nd - 1, nd - 2, *range(nd - 2)),
+        (0, nd - 1, *range(1, nd - 1)),
+    )
+
+
+def _conv3d_stride1(
+    x: jax.Array,
+    w: jax.Array,
+    pads: tuple[tuple[int, int], ...],
+    impl: str,
+    *,
+    precision: Any,
+    preferred_element_type: Any,
+) -> jax.Array:
+    """A stride-1, channels-last 3D conv `[B, N0, N1, N2, C] * [K0, K1, K2, C, O]`."""
+    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+    if impl == "s2d" or all(k == 1 for k in w.shape[:3]):
+        return lax.conv_general_dilated(
+            x, w, (1, 1, 1), pads, dimension_numbers=_channels_last(5), **kw
+        )
+    if impl == "auto":
+        out_voxels = math.prod(
+            n + lo + hi - k + 1
+            for n, (lo, hi), k in zip(x.shape[1:4], pads, w.shape[:3], strict=True)
+        )
+        if out_voxels >= GEMM_MIN_VOXELS:
+            impl = "gemm"
+        elif w.shape[0] * w.shape[-2] <= STACK_MAX_CHANNELS:
+            impl = "stacked"
+        else:
+            impl = "summed"
+    if impl == "gemm":
+        return _conv3d_gemm(x, w, pads, **kw)
+    if w.shape[0] == 1:
+        return lax.conv_general_dilated(
+            x, w, (1, 1, 1), pads, dimension_numbers=_channels_last(5), **kw
+        )
+    return _conv3d_fold(x, w, pads, stacked=impl == "stacked", **kw)
+
+
+def _accumulation_dtype(dtype: Any, preferred_element_type: Any) -> tuple[Any, Any]:
+    """(dtype to accumulate partial sums in, dtype of the result) of a conv."""
+    out = preferred_element_type or dtype
+    acc = preferred_element_type
+    if acc is None and jnp.finfo(out).bits < 32:
+        acc = jnp.float32  # a conv accumulates low-precision inputs in float32 too
+    return acc, out
+
+
+def _conv3d_fold(
+    x: jax.Array,
+    w: jax.Array,
+    pads: tuple[tuple[int, int], ...],
+    *,
+    stacked: bool,
+    precision: Any,
+    preferred_element_type: Any,
+) -> jax.Array:
+    """2D convs over the `K0` slices of the padded first spatial axis, folded into the batch.
+
+    `stacked`: one conv on the slices concatenated along channels with the kernel
+    `(K1, K2, K0 * C, O)`; otherwise the sum of `K0` convs with the kernel slices `w[k]`.
+    """
+    k0, c, o = w.shape[0], w.shape[-2], w.shape[-1]
+    (lo, hi), rest = pads[0], pads[1:]
+    x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0), *((0, 0, 0),) * 3])
+    b, n, s1, s2 = x.shape[:4]
+    m = n - k0 + 1
+    taps = [lax.slice_in_dim(x, k, k + m, axis=1) for k in range(k0)]
+    dn = _channels_last(4)
+    if stacked:
+        xs = jnp.concatenate(taps, axis=-1).reshape(b * m, s1, s2, k0 * c)
+        w2 = jnp.moveaxis(w, 0, 2).reshape(*w.shape[1:3], k0 * c, o)
+        y = lax.conv_general_dilated(
+            xs,
+            w2,
+            (1, 1),
+            rest,
+            dimension_numbers=dn,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    else:
+        acc, out = _accumulation_dtype(x.dtype, preferred_element_type)
+        parts = [
+            lax.conv_general_dilated(
+                t.reshape(b * m, s1, s2, c),
+                w[k],
+                (1, 1),
+                rest,
+                dimension_numbers=dn,
+                precision=precision,
+                preferred_element_type=acc,
+            )
+            for k, t in enumerate(taps)
+        ]
+        y = functools.reduce(jnp.add, parts).astype(out)
+    return y.reshape(b, m, *y.shape[1:])
+
+
+def _conv3d_gemm(
+    x: jax.Array,
+    w: jax.Array,
+    pads: tuple[tuple[int, int], ...],
+    *,
+    precision: Any,
+    preferred_element_type: Any,
+) -> jax.Array:
+    """The conv as one matrix product on the flattened padded grid plus a shifted sum.
+
+    On the padded input flattened to `[Q, C]` (row `q` = voxel `(n, i, j, l)`, strides
+    `(P1 * P2, P2, 1)`), a kernel tap `t` reads row `q + offset(t)`, so the output at the
+    padded grid's row `q` is `sum_t x[q + offset(t)] @ w[t]`: exact for every valid output
+    voxel (rows at the padding are computed and dropped). The taps are split between the
+    two sides of one GEMM: the `A` inner kernel axes' taps are stacked along the input's
+    channels (`[Q, T_in * C]`, contiguous row-shifted slices), the other axes' taps along
+    the product's columns (`[Q, T_in * C] @ [T_in * C, T_out * O]`), and the `T_out` column
+    blocks are summed at their row offsets. `A` (1 or 2) minimises the stacked widths
+    `T_in * C + T_out * O`.
+
+    Every operand stays row-major, so XLA differentiates it into GEMMs (`dW` is
+    `stackedᵀ @ dZ`, no transposed copies of activations) and fused shifted sums.
+    """
+    b = x.shape[0]
+    c, o = w.shape[-2], w.shape[-1]
+    ksize = w.shape[:3]
+    x = lax.pad(
+        x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
+    )
+    grid = x.shape[1:4]
+    m = tuple(p - k + 1 for p, k in zip(grid, ksize, strict=True))
+    strides = (grid[1] * grid[2], grid[2], 1)
+    q = b * math.prod(grid)
+    xf = x.reshape(q, c)
+
+    def taps(axes):
+        ranges = [range(k) if ax in axes else range(1) for ax, k in enumerate(ksize)]
+        return list(itertools.product(*ranges))
+
+    def offset(tap):
+        return sum(t * s for t, s in zip(tap, strides, strict=True))
+
+    def width(a):
+        t_in = math.prod(ksize[3 - a :])
+        return t_in * c + (math.prod(ksize) // t_in) * o
+
+    a = min((1, 2), key=width)
+    in_taps, out_taps = taps(range(3 - a, 3)), taps(range(3 - a))
+    n_in = q - offset(in_taps[-1])
+    xs = jnp.concatenate([lax.slice_in_dim(xf, offset(t), offset(t) + n_in) for t in in_taps], 1)
+    wm = jnp.stack(
+        [
+            jnp.concatenate(
+                [w[tuple(i + j for i, j in zip(ti, to, strict=True))] for ti in in_taps], 0
+            )
+            for to in out_taps
+        ],
+        axis=1,
+    ).reshape(len(in_taps) * c, len(out_taps) * o)
+    acc, out = _accumulation_dtype(x.dtype, preferred_element_type)
+    z = lax.dot_general(
+        xs, wm, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
+    ).reshape(n_in, len(out_taps), o)
+    n_out = n_in - offset(out_taps[-1])
+    parts = [
+        lax.slice_in_dim(z[:, k], offset(t), offset(t) + n_out) for k, t in enumerate(out_taps)
+    ]
+    y = functools.reduce(jnp.add, parts).astype(out)
+    y = jnp.pad(y, ((0, q - n_out), (0, 0))).reshape(b, *grid, o)
+    return y[:, : m[0], : m[1], : m[2]]
 
 
 def conv3(

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from vi_seg_jax.data.conventions import LAYOUTS, MODALITIES, Layout, LabelConvention
+from vi_seg_jax.data.conventions import LAYOUTS, MODALITIES, LabelConvention, Layout
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.io.nifti import is_nifti, nifti_stem
 
@@ -134,13 +134,13 @@ def discover_cases(
     elif (root / "HGG").is_dir() or (root / "LGG").is_dir():
         folders = [f for group in ("HGG", "LGG") if (root / group).is_dir() for f in _subfolders(root / group)]
         candidates = [_folder_case(folder, forced_layout="brats2018") for folder in folders]
-        unnamed = [folder for folder, case in zip(folders, candidates) if case is None]
+        unnamed = [folder for folder, case in zip(folders, candidates, strict=True) if case is None]
     elif _folder_case(root) is not None:
         candidates = [_folder_case(root)]
     else:
         folders = _subfolders(root)
         candidates = [_folder_case(folder) for folder in folders]
-        unnamed = [folder for folder, case in zip(folders, candidates) if case is None]
+        unnamed = [folder for folder, case in zip(folders, candidates, strict=True) if case is None]
 
     candidates = [case for case in candidates if case is not None]
     if not candidates:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -44,7 +43,7 @@ from vi_seg_jax.plots import uncertainty_figure
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
 from vi_seg_jax.train.step import make_train_step
-from vi_seg_jax.uncertainty import posterior_predictive, sample_fn_for
+from vi_seg_jax.uncertainty import Predictive, posterior_predictive, sample_fn_for
 
 LOG_EVERY_STEPS = 10
 # Config fields that may change between a run and its resumption.
@@ -160,7 +159,7 @@ def train_and_evaluate(
     _truncate_log(workdir / "metrics.jsonl", int(state.step))
 
     train_step = make_train_step(spec)
-    validate = _validator(spec, config, validation_cases, eval_key)
+    validate, predict, samples = _validator(spec, config, validation_cases, eval_key)
     schedule = config.schedule
     validate_every = schedule.validate_every_epochs * schedule.steps_per_epoch
     patience = None if schedule.patience_epochs is None else schedule.patience_epochs * schedule.steps_per_epoch
@@ -211,7 +210,7 @@ def train_and_evaluate(
         "num_validation_cases": len(validation_cases),
     }
     _write_json(workdir / "summary.json", summary)
-    _figure(workdir / "validation.png", spec, state, validation_cases[0], eval_key, config)
+    _figure(workdir / "validation.png", predict(state, 0), validation_cases[0], config, samples)
     return summary
 
 
@@ -260,23 +259,29 @@ def _validator(spec: ModelSpec, config: TrainConfig, cases: list[PreparedCase], 
     samples = 1 if method.method == "deterministic" else samples
 
     @jax.jit
-    def predict(state: TrainState, images: jax.Array, key: jax.Array) -> jax.Array:
-        out = posterior_predictive(sample_fn_for(spec, state), images, key, num_samples=samples, task=spec.objective.likelihood.task)
-        return out.mean
+    def predict_batch(state: TrainState, images: jax.Array, key: jax.Array) -> Predictive:
+        return posterior_predictive(
+            sample_fn_for(spec, state), images, key, num_samples=samples, task=spec.objective.likelihood.task
+        )
+
+    def predict(state: TrainState, index: int) -> Predictive:
+        """Predictive maps of validation case `index` on its preprocessed grid [X, Y, Z, ...]."""
+        case = cases[index]
+        image = _pad_to(np.asarray(case.image), shape)
+        out = predict_batch(state, _volume_batch(image, dims), jax.random.fold_in(eval_key, index))
+        extent = tuple(slice(0, s) for s in case.image.shape[:3])
+        return Predictive(*(_from_batch(field, dims)[extent] for field in out))
 
     def validate(state: TrainState) -> dict[str, float]:
         dices, ious = [], []
         for index, case in enumerate(cases):
-            image = _pad_to(np.asarray(case.image), shape)
-            probs = _from_batch(predict(state, _volume_batch(image, dims), jax.random.fold_in(eval_key, index)), dims)
-            extent = tuple(slice(0, s) for s in case.image.shape[:3])
-            predicted = _whole_tumour(probs[extent], config.likelihood.task)
+            predicted = _whole_tumour(predict(state, index).mean, config.likelihood.task)
             truth = np.asarray(case.label) > 0
             dices.append(dice(predicted, truth))
             ious.append(iou(predicted, truth))
         return {"val_dice": float(np.mean(dices)), "val_iou": float(np.mean(ious))}
 
-    return validate
+    return validate, predict, samples
 
 
 def _whole_tumour(probs: np.ndarray, task: str) -> np.ndarray:
@@ -288,24 +293,15 @@ def _pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.pad(image, pad)
 
 
-def _figure(path: Path, spec: ModelSpec, state: TrainState, case: PreparedCase, eval_key, config: TrainConfig):
-    dims = config.backbone.spatial_dims
-    method = config.method
-    samples = method.ensemble_size if method.method == "ensemble" else max(config.schedule.validation_samples, 2)
-    out = jax.jit(
-        lambda s, x: posterior_predictive(
-            sample_fn_for(spec, s), x, eval_key, num_samples=samples, task=spec.objective.likelihood.task
-        )
-    )(state, _volume_batch(np.asarray(case.image), dims))
+def _figure(path: Path, out: Predictive, case: PreparedCase, config: TrainConfig, samples: int):
     channel = 1 if config.likelihood.task == "wt" else 0
-    mean = _from_batch(out.mean, dims)
     uncertainty_figure(
         path,
         image=np.asarray(case.image)[..., -1],
         truth=np.asarray(case.label) > 0,
-        prediction=_whole_tumour(mean, config.likelihood.task),
-        aleatoric=_from_batch(out.aleatoric, dims)[..., channel],
-        epistemic=_from_batch(out.epistemic, dims)[..., channel],
+        prediction=_whole_tumour(out.mean, config.likelihood.task),
+        aleatoric=out.aleatoric[..., channel],
+        epistemic=out.epistemic[..., channel],
         title=f"{case.case_id}: {config.backbone.name}, {config.method.method}, {samples} samples",
     )
 

@@ -1,0 +1,178 @@
+"""The training CLI end to end, on tiny synthetic data (seconds per run, not minutes)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vi_seg_jax.data.synthetic import write_dataset
+
+TINY = [
+    "--features", "4", "8", "8", "16",
+    "--patch", "16", "16", "16",
+    "--batch-size", "2",
+    "--test-size", "1",
+    "--validation-size", "1",
+    "--train-size", "2",
+    "--steps-per-epoch", "3",
+    "--validation-samples", "2",
+    "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    write_dataset(root, num_cases=4, shape=(32, 32, 24), seed=1)
+    return root
+
+
+def _env(tmp_path):
+    # Compilation dominates these tiny runs: share the suite's compile cache and skip most
+    # XLA optimisations.
+    from jax import config
+
+    return {
+        **os.environ,
+        "VI_SEG_JAX_CACHE": str(tmp_path / "cache"),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": config.jax_compilation_cache_dir,
+        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+def _train(tmp_path, data_dir, workdir, *extra, timeout=600):
+    command = [sys.executable, "-m", "experiments.train", "--data-dir", str(data_dir), "--workdir", str(workdir)]
+    return subprocess.run([*command, *TINY, *extra], capture_output=True, text=True, env=_env(tmp_path), timeout=timeout)
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "backbone,method",
+    [("unet", "vi"), ("vnet", "vi"), ("fcn", "vi"), ("unet", "deterministic"), ("unet", "mc_dropout"), ("unet", "ensemble")],
+)
+def test_each_backbone_and_method_runs_end_to_end(tmp_path, data_dir, backbone, method, monkeypatch, capsys):
+    """In-process (the subprocess path is covered below), so compilations are shared."""
+    from experiments import train
+
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
+    workdir = tmp_path / "run"
+    features = ["--features", "4", "8", "16"] if backbone == "vnet" else []
+    argv = ["--data-dir", str(data_dir), "--workdir", str(workdir), *TINY, *features]
+    with jax.numpy_dtype_promotion("standard"):
+        status = train.main([*argv, "--backbone", backbone, "--method", method, "--steps", "6"])
+    assert status == 0
+    stdout = capsys.readouterr().out
+    records = _records(workdir)
+    assert all("step" in r for r in records)
+    training = [r for r in records if "loss" in r]
+    validation = [r for r in records if "val_dice" in r]
+    assert training and all({"loss", "kl", "dice"} <= r.keys() for r in training)
+    assert [r["step"] for r in validation] == [6]
+    assert all(0.0 <= r["val_dice"] <= 1.0 and "val_iou" in r for r in validation)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 6 and {"final_val_dice", "best_val_dice", "wall_seconds"} <= summary.keys()
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["backbone"]["name"] == backbone and config["method"]["method"] == method
+    assert (workdir / "validation.png").stat().st_size > 10_000
+    assert (workdir / "checkpoints" / "6").is_dir()
+    assert "final val Dice" in stdout
+
+
+def _final_params(workdir):
+    import orbax.checkpoint as ocp
+
+    from vi_seg_jax.checkpoint import checkpoint_manager
+
+    manager = checkpoint_manager(workdir / "checkpoints")
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
+    steps = ["--steps", "18"]
+    reference = tmp_path / "reference"
+    assert _train(tmp_path, data_dir, reference, *steps).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "experiments.train", "--data-dir", str(data_dir), "--workdir", str(interrupted)]
+    process = subprocess.Popen([*command, *TINY, *steps], env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (interrupted / "checkpoints" / "6").is_dir() and time.time() < deadline:
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (interrupted / "checkpoints" / "6").is_dir()
+    resumed = _train(tmp_path, data_dir, interrupted, *steps, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    step_a, state_a = _final_params(reference)
+    step_b, state_b = _final_params(interrupted)
+    assert step_a == step_b == 18
+    leaves_a = _leaves(state_a["state"])
+    leaves_b = _leaves(state_b["state"])
+    assert len(leaves_a) == len(leaves_b) > 10
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise
+    steps_logged = [r["step"] for r in _records(interrupted) if "loss" in r]
+    assert steps_logged == sorted(set(steps_logged))  # no duplicated lines after resume
+
+
+def _leaves(tree):
+    import jax
+
+    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    assert _train(tmp_path, data_dir, workdir, "--steps", "3").returncode == 0
+    again = _train(tmp_path, data_dir, workdir, "--steps", "3")
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"error: {workdir}: already holds checkpoints; pass --resume to continue or choose another --workdir"
+
+
+def test_resume_refuses_another_backbone(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    assert _train(tmp_path, data_dir, workdir, "--steps", "3").returncode == 0
+    other = _train(tmp_path, data_dir, workdir, "--steps", "6", "--resume", "--backbone", "fcn")
+    assert other.returncode == 2
+    assert "checkpoint was written with backbone.name='unet', this run has 'fcn'" in other.stderr
+    assert other.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--backbone", "resnet"], "invalid choice: 'resnet'"),
+        (["--patch", "16", "16"], "--patch needs 3 numbers"),
+        (["--steps", "x"], "invalid int value"),
+        (["--validation-size", "0"], "--validation-size must be >= 1"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_with_exit_code_2(tmp_path, data_dir, flags, message):
+    result = _train(tmp_path, data_dir, tmp_path / "run", *flags)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_data_is_a_one_line_error_with_exit_code_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _train(tmp_path, tmp_path / "empty", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: {tmp_path / 'empty'}: empty folder")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
