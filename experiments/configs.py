@@ -39,17 +39,19 @@ def get_config(backbone: str = "unet", preset: str = "quick") -> TrainConfig:
 
 def _quick(backbone: str) -> TrainConfig:
     return TrainConfig(
-        backbone=BackboneConfig(name=backbone, spatial_dims=3, features=_QUICK_FEATURES.get(backbone)),
-        method=MethodConfig(method="vi", estimator="lrt", guide=GuideConfig(init_log_var=-10.0)),
-        likelihood=LikelihoodConfig(task="wt", ce_weight=0.5, dice_weight=0.5, reduction="mean"),
+        backbone=BackboneConfig(
+            name=backbone, spatial_dims=3, features=_QUICK_FEATURES.get(backbone)
+        ),
+        method=MethodConfig(method="vi", estimator="lrt", guide=GuideConfig(init_log_var=-5.0)),
+        likelihood=LikelihoodConfig(task="wt", ce_weight=0.01, dice_weight=0.99, reduction="sum"),
         kl_weight=1.0,
         kl_warmup_epochs=4,
         learning_rate=3e-3,
         data=DataConfig(patch_shape=(32, 32, 32), batch_size=4, foreground_fraction=0.5),
         schedule=ScheduleConfig(
-            steps=600,
+            steps=300,
             steps_per_epoch=50,
-            decay_every_epochs=6,
+            decay_every_epochs=4,
             validate_every_epochs=2,
             validation_samples=4,
             patience_epochs=None,

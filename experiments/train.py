@@ -32,28 +32,76 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     )
     add = parser.add_argument
     add("--backbone", choices=sorted(BACKBONES), default="unet", help="network architecture")
-    add("--preset", choices=PRESETS, default="quick", help="quick: minutes on a CPU; paper: the paper code's setup, for a GPU")
-    add("--data-dir", help="BraTS 2018-2024 or MSD Task01 folder (default: the embedded synthetic dataset)")
+    add(
+        "--preset",
+        choices=PRESETS,
+        default="quick",
+        help="quick: minutes on a CPU; paper: the paper code's setup, for a GPU",
+    )
+    add(
+        "--data-dir",
+        help="BraTS 2018-2024 or MSD Task01 folder (default: the embedded synthetic dataset)",
+    )
     add("--workdir", help="output folder (default: runs/<backbone>-<method>-<preset>-seed<seed>)")
-    add("--task", choices=("wt", "regions"), help="wt: whole tumour vs rest (the paper); regions: WT/TC/ET sigmoids")
-    add("--method", choices=METHODS, help="vi: variational posterior; deterministic: MAP; mc_dropout; ensemble")
-    add("--prior", choices=("normal",), help="prior over the Bayesian kernels: normal = N(0, prior_scale^2)")
-    add("--estimator", choices=("lrt", "full"), help="VI gradient estimator: local reparameterisation or full weight sampling")
+    add(
+        "--task",
+        choices=("wt", "regions"),
+        help="wt: whole tumour vs rest (the paper); regions: WT/TC/ET sigmoids",
+    )
+    add(
+        "--method",
+        choices=METHODS,
+        help="vi: variational posterior; deterministic: MAP; mc_dropout; ensemble",
+    )
+    add(
+        "--prior",
+        choices=("normal",),
+        help="prior over the Bayesian kernels: normal = N(0, prior_scale^2)",
+    )
+    add(
+        "--estimator",
+        choices=("lrt", "full"),
+        help="VI gradient estimator: local reparameterisation or full weight sampling",
+    )
     add("--particles", type=int, help="Monte Carlo samples of the data term per step")
-    add("--epochs", type=int, help="training length in epochs (an epoch is the preset's steps_per_epoch steps)")
+    add(
+        "--epochs",
+        type=int,
+        help="training length in epochs (an epoch is the preset's steps_per_epoch steps)",
+    )
     add("--steps", type=int, help="training length in steps (overrides --epochs)")
     add("--train-size", type=int, help="number of training cases (paper protocol: 5, 10, 15 or 20)")
-    add("--test-size", type=int, help="fixed, seeded test cases held out (never trained on or validated on)")
-    add("--validation-size", type=int, help="fixed, seeded validation cases (early stopping, best checkpoint)")
-    add("--steps-per-epoch", type=int, help="steps counted as one epoch (validation, checkpoints, decay, patience)")
+    add(
+        "--test-size",
+        type=int,
+        help="fixed, seeded test cases held out (never trained on or validated on)",
+    )
+    add(
+        "--validation-size",
+        type=int,
+        help="fixed, seeded validation cases (early stopping, best checkpoint)",
+    )
+    add(
+        "--steps-per-epoch",
+        type=int,
+        help="steps counted as one epoch (validation, checkpoints, decay, patience)",
+    )
     add("--spatial-dims", type=int, choices=(2, 3), help="3D volumes or 2D axial slices")
-    add("--patch", type=int, nargs="+", metavar="N", help="training patch size (3 numbers for 3D, 2 for 2D)")
+    add(
+        "--patch",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="training patch size (3 numbers for 3D, 2 for 2D)",
+    )
     add("--batch-size", type=int, help="patches per step")
     add("--learning-rate", type=float, help="Adam learning rate")
     add("--kl-warmup-epochs", type=int, help="epochs of linear KL warm-up")
     add("--validation-samples", type=int, help="Monte Carlo samples per validation volume")
     add("--patience", type=int, help="early stopping patience in epochs (0 disables)")
-    add("--features", type=int, nargs="+", metavar="C", help="channels per level, e.g. 16 32 64 128")
+    add(
+        "--features", type=int, nargs="+", metavar="C", help="channels per level, e.g. 16 32 64 128"
+    )
     add("--seed", type=int, default=0, help="training seed (the data split has its own fixed seed)")
     add("--resume", action="store_true", help="continue from the workdir's last checkpoint")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -109,7 +157,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         top["learning_rate"] = args.learning_rate
     if args.kl_warmup_epochs is not None:
         top["kl_warmup_epochs"] = args.kl_warmup_epochs
-    config = with_overrides(config, backbone=backbone, data=data, schedule=schedule, method=method, **top)
+    config = with_overrides(
+        config, backbone=backbone, data=data, schedule=schedule, method=method, **top
+    )
     _check(config)
     return config
 
@@ -117,7 +167,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _check(config: TrainConfig) -> None:
     dims = config.backbone.spatial_dims
     if len(config.data.patch_shape) != dims:
-        raise ValueError(f"--patch needs {dims} numbers for --spatial-dims {dims}, got {list(config.data.patch_shape)}")
+        raise ValueError(
+            f"--patch needs {dims} numbers for --spatial-dims {dims}, got {list(config.data.patch_shape)}"
+        )
     if config.schedule.steps < 1:
         raise ValueError("--steps/--epochs must give at least one step")
     if config.data.validation_size < 1:
@@ -133,9 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     method = config.method.method
-    workdir = Path(args.workdir or f"runs/{config.backbone.name}-{method}-{config.preset}-seed{config.seed}")
+    workdir = Path(
+        args.workdir or f"runs/{config.backbone.name}-{method}-{config.preset}-seed{config.seed}"
+    )
     try:
-        summary = train_and_evaluate(config, workdir, resume=args.resume, progress=not args.no_progress)
+        summary = train_and_evaluate(
+            config, workdir, resume=args.resume, progress=not args.no_progress
+        )
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -148,7 +204,10 @@ def _summary_table(summary: dict) -> str:
     rows = [
         ("backbone / method", f"{summary['backbone']} / {summary['method']}"),
         ("steps", f"{summary['steps']}" + (" (early stop)" if summary["stopped_early"] else "")),
-        ("final val Dice / IoU", f"{summary['final_val_dice']:.4f} / {summary['final_val_iou']:.4f}"),
+        (
+            "final val Dice / IoU",
+            f"{summary['final_val_dice']:.4f} / {summary['final_val_iou']:.4f}",
+        ),
         ("best val Dice (step)", f"{summary['best_val_dice']:.4f} ({summary['best_step']})"),
         ("wall time", f"{summary['wall_seconds'] / 60:.1f} min"),
     ]

@@ -18,7 +18,11 @@ def confusion(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction shape {prediction.shape} differs from truth {truth.shape}")
     tp = int(np.count_nonzero(prediction & truth))
-    return tp, int(np.count_nonzero(prediction & ~truth)), int(np.count_nonzero(~prediction & truth))
+    return (
+        tp,
+        int(np.count_nonzero(prediction & ~truth)),
+        int(np.count_nonzero(~prediction & truth)),
+    )
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:

@@ -38,7 +38,11 @@ def uncertainty_figure(
       title: figure title.
     """
     z = tumour_slice(truth if truth is not None else prediction)
-    panels = [("input", image, "gray"), ("ground truth", truth, "gray"), ("prediction", prediction, "gray")]
+    panels = [
+        ("input", image, "gray"),
+        ("ground truth", truth, "gray"),
+        ("prediction", prediction, "gray"),
+    ]
     panels += [("aleatoric", aleatoric, "magma"), ("epistemic", epistemic, "magma")]
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for axis, (name, volume, cmap) in zip(axes, panels, strict=True):

@@ -133,9 +133,13 @@ def sample_fn_for(spec: ModelSpec, state: TrainState) -> SampleFn:
 
     def sample(index, key, images):
         if method == "vi":
-            logits, _ = apply_sampled(spec.backbone, state.params, sample_kernels(key, state.guide), images)
+            logits, _ = apply_sampled(
+                spec.backbone, state.params, sample_kernels(key, state.guide), images
+            )
         elif method == "mc_dropout":
-            logits, _ = apply_backbone(spec.backbone, state.params, images, train=True, dropout_key=key)
+            logits, _ = apply_backbone(
+                spec.backbone, state.params, images, train=True, dropout_key=key
+            )
         elif method == "ensemble":
             member = jax.tree_util.tree_map(
                 lambda leaf: jax.lax.dynamic_index_in_dim(

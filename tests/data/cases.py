@@ -34,9 +34,7 @@ def write_case(root: Path, layout_name: str, case_id: str, *, with_label=True, s
     layout = LAYOUTS[layout_name]
     label = layout.convention.from_canonical(canonical_label(shape))
     if layout_name == "msd":
-        image = np.stack(
-            [brain_image(shape, 10.0 * (c + 1)) for c in range(4)], axis=-1
-        )
+        image = np.stack([brain_image(shape, 10.0 * (c + 1)) for c in range(4)], axis=-1)
         write_nifti(root / "imagesTr" / f"{case_id}.nii.gz", image, affine=AFFINE)
         if with_label:
             write_nifti(root / "labelsTr" / f"{case_id}.nii.gz", label, affine=AFFINE, kind="label")
@@ -44,14 +42,22 @@ def write_case(root: Path, layout_name: str, case_id: str, *, with_label=True, s
     folder = root / case_id
     sep = layout.separator
     for index, suffix in enumerate(layout.modality_suffixes.values()):
-        write_nifti(folder / f"{case_id}{sep}{suffix}.nii.gz", brain_image(shape, 10.0 * (index + 1)), affine=AFFINE)
+        write_nifti(
+            folder / f"{case_id}{sep}{suffix}.nii.gz",
+            brain_image(shape, 10.0 * (index + 1)),
+            affine=AFFINE,
+        )
     if with_label:
         write_nifti(folder / f"{case_id}{sep}seg.nii.gz", label, affine=AFFINE, kind="label")
     return folder
 
 
 CASE_IDS = {
-    "brats2018": ["HGG/Brats18_TCIA01_0001_1", "HGG/Brats18_TCIA01_0002_1", "LGG/Brats18_TCIA09_0003_1"],
+    "brats2018": [
+        "HGG/Brats18_TCIA01_0001_1",
+        "HGG/Brats18_TCIA01_0002_1",
+        "LGG/Brats18_TCIA09_0003_1",
+    ],
     "brats2020": ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"],
     "brats2021": ["BraTS2021_00000", "BraTS2021_00002", "BraTS2021_00003"],
     "brats2023": ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000", "BraTS-GLI-00003-001"],
@@ -67,5 +73,3 @@ def write_dataset(root: Path, layout_name: str) -> Path:
         else:
             write_case(root, layout_name, case_id)
     return root
-
-

@@ -33,7 +33,9 @@ def test_cached_case_maps_back_to_the_source_labels(tmp_path):
     prepared = prepare_case(case, tmp_path / "cache", modalities=MODALITIES, config=CONFIG)
     assert isinstance(prepared.image, np.memmap)
     assert all(s % 4 == 0 for s in prepared.image.shape[:3])
-    np.testing.assert_array_equal(to_original_grid(np.asarray(prepared.label), prepared.mapping), canonical_label())
+    np.testing.assert_array_equal(
+        to_original_grid(np.asarray(prepared.label), prepared.mapping), canonical_label()
+    )
 
 
 def test_cache_is_reused_until_a_source_file_or_a_setting_changes(tmp_path, count_loads):
@@ -48,8 +50,12 @@ def test_cache_is_reused_until_a_source_file_or_a_setting_changes(tmp_path, coun
     prepare_case(case, tmp_path / "cache", modalities=MODALITIES, config=CONFIG)
     assert len(count_loads) == 2
 
-    prepare_case(case, tmp_path / "cache", modalities=MODALITIES, config=PreprocessConfig(multiple=8))
-    prepare_case(case, tmp_path / "cache", modalities=("flair",), config=PreprocessConfig(multiple=8))
+    prepare_case(
+        case, tmp_path / "cache", modalities=MODALITIES, config=PreprocessConfig(multiple=8)
+    )
+    prepare_case(
+        case, tmp_path / "cache", modalities=("flair",), config=PreprocessConfig(multiple=8)
+    )
     assert len(count_loads) == 4
 
 
@@ -64,7 +70,9 @@ def test_interrupted_build_leaves_no_entry_and_keeps_the_old_one(tmp_path, monke
 
     monkeypatch.setattr(cache.np, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        prepare_case(case, tmp_path / "cache", modalities=MODALITIES, config=PreprocessConfig(multiple=8))
+        prepare_case(
+            case, tmp_path / "cache", modalities=MODALITIES, config=PreprocessConfig(multiple=8)
+        )
     assert sorted(os.listdir(tmp_path / "cache")) == ["BraTS2021_00001"]
     monkeypatch.undo()
     again = prepare_case(case, tmp_path / "cache", modalities=MODALITIES, config=CONFIG)

@@ -14,18 +14,30 @@ from vi_seg_jax.data.conventions import (
 # What each release's documentation says its labels mean.
 RELEASE_MEANING = {
     "brats2018-2021": {0: "background", 1: "necrotic_core", 2: "edema", 4: "enhancing"},
-    "brats2023": {0: "background", 1: "necrotic_core", 2: "edema", 3: "enhancing", 4: "resection_cavity"},
+    "brats2023": {
+        0: "background",
+        1: "necrotic_core",
+        2: "edema",
+        3: "enhancing",
+        4: "resection_cavity",
+    },
     "msd-task01": {0: "background", 1: "edema", 2: "necrotic_core", 3: "enhancing"},
 }
 CANONICAL = {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing": 3, "resection_cavity": 4}
 
 
-@pytest.mark.parametrize("convention", [BRATS_2018_2021, BRATS_2023, MSD_TASK01], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "convention", [BRATS_2018_2021, BRATS_2023, MSD_TASK01], ids=lambda c: c.name
+)
 def test_release_labels_map_to_their_documented_meaning_and_back(convention):
     meaning = RELEASE_MEANING[convention.name]
     release = np.array(sorted(meaning))
-    np.testing.assert_array_equal(convention.to_canonical(release), [CANONICAL[meaning[v]] for v in release])
-    np.testing.assert_array_equal(convention.from_canonical(convention.to_canonical(release)), release)
+    np.testing.assert_array_equal(
+        convention.to_canonical(release), [CANONICAL[meaning[v]] for v in release]
+    )
+    np.testing.assert_array_equal(
+        convention.from_canonical(convention.to_canonical(release)), release
+    )
 
 
 def test_regions_follow_brats_definitions_in_every_release():

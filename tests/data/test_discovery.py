@@ -10,7 +10,9 @@ def test_every_layout_is_recognised(layout_dataset):
     layout_name, root = layout_dataset
     dataset = discover_cases(root, require_labels=True)
     assert dataset.layout.name == layout_name
-    assert [c.case_id for c in dataset.cases] == sorted(c.split("/")[-1] for c in CASE_IDS[layout_name])
+    assert [c.case_id for c in dataset.cases] == sorted(
+        c.split("/")[-1] for c in CASE_IDS[layout_name]
+    )
     assert dataset.num_labelled == 3
     assert layout_name in dataset.summary()
     for case in dataset.cases:
@@ -22,7 +24,12 @@ def test_every_layout_is_recognised(layout_dataset):
 def test_msd_channels_follow_the_decathlon_order(tmp_path):
     write_case(tmp_path, "msd", "BRATS_007")
     case = discover_cases(tmp_path).cases[0]
-    assert {m: case.channel_index(m) for m in case.images} == {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
+    assert {m: case.channel_index(m) for m in case.images} == {
+        "flair": 0,
+        "t1": 1,
+        "t1ce": 2,
+        "t2": 3,
+    }
 
 
 def test_brats2023_aliases_map_to_canonical_modalities(tmp_path):
@@ -113,7 +120,9 @@ def test_misnamed_case_folder_is_an_error_not_silently_dropped(tmp_path):
 def test_mixed_layouts_are_refused(tmp_path):
     write_case(tmp_path, "brats2021", "BraTS2021_00001")
     write_case(tmp_path, "brats2023", "BraTS-GLI-00001-000")
-    with pytest.raises(DataError, match=r"mixed layouts brats2021 \(1 cases\), brats2023 \(1 cases\)"):
+    with pytest.raises(
+        DataError, match=r"mixed layouts brats2021 \(1 cases\), brats2023 \(1 cases\)"
+    ):
         discover_cases(tmp_path)
 
 

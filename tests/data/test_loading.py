@@ -120,7 +120,9 @@ def test_4d_volume_in_a_3d_layout_is_rejected(tmp_path):
     folder = write_case(tmp_path, "brats2021", "BraTS2021_00001")
     path = folder / "BraTS2021_00001_t1.nii.gz"
     write_nifti(path, np.ones((*SHAPE, 2), np.float32), affine=AFFINE)
-    with pytest.raises(DataError, match=rf"^{path}: expected a 3D volume, got shape \(6, 7, 5, 2\)"):
+    with pytest.raises(
+        DataError, match=rf"^{path}: expected a 3D volume, got shape \(6, 7, 5, 2\)"
+    ):
         load_case(_only_case(tmp_path), MODALITIES)
 
 

@@ -49,8 +49,22 @@ def _env(tmp_path):
 
 
 def _train(tmp_path, data_dir, workdir, *extra, timeout=600):
-    command = [sys.executable, "-m", "experiments.train", "--data-dir", str(data_dir), "--workdir", str(workdir)]
-    return subprocess.run([*command, *TINY, *extra], capture_output=True, text=True, env=_env(tmp_path), timeout=timeout)
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--data-dir",
+        str(data_dir),
+        "--workdir",
+        str(workdir),
+    ]
+    return subprocess.run(
+        [*command, *TINY, *extra],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=timeout,
+    )
 
 
 def _records(workdir):
@@ -59,9 +73,18 @@ def _records(workdir):
 
 @pytest.mark.parametrize(
     "backbone,method",
-    [("unet", "vi"), ("vnet", "vi"), ("fcn", "vi"), ("unet", "deterministic"), ("unet", "mc_dropout"), ("unet", "ensemble")],
+    [
+        ("unet", "vi"),
+        ("vnet", "vi"),
+        ("fcn", "vi"),
+        ("unet", "deterministic"),
+        ("unet", "mc_dropout"),
+        ("unet", "ensemble"),
+    ],
 )
-def test_each_backbone_and_method_runs_end_to_end(tmp_path, data_dir, backbone, method, monkeypatch, capsys):
+def test_each_backbone_and_method_runs_end_to_end(
+    tmp_path, data_dir, backbone, method, monkeypatch, capsys
+):
     """In-process (the subprocess path is covered below), so compilations are shared."""
     from experiments import train
 
@@ -81,7 +104,10 @@ def test_each_backbone_and_method_runs_end_to_end(tmp_path, data_dir, backbone, 
     assert [r["step"] for r in validation] == [6]
     assert all(0.0 <= r["val_dice"] <= 1.0 and "val_iou" in r for r in validation)
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == 6 and {"final_val_dice", "best_val_dice", "wall_seconds"} <= summary.keys()
+    assert (
+        summary["steps"] == 6
+        and {"final_val_dice", "best_val_dice", "wall_seconds"} <= summary.keys()
+    )
     config = json.loads((workdir / "config.json").read_text())
     assert config["backbone"]["name"] == backbone and config["method"]["method"] == method
     assert (workdir / "validation.png").stat().st_size > 10_000
@@ -106,8 +132,21 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
     assert _train(tmp_path, data_dir, reference, *steps).returncode == 0
 
     interrupted = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "experiments.train", "--data-dir", str(data_dir), "--workdir", str(interrupted)]
-    process = subprocess.Popen([*command, *TINY, *steps], env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--data-dir",
+        str(data_dir),
+        "--workdir",
+        str(interrupted),
+    ]
+    process = subprocess.Popen(
+        [*command, *TINY, *steps],
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while not (interrupted / "checkpoints" / "6").is_dir() and time.time() < deadline:
         if process.poll() is not None:
@@ -142,7 +181,10 @@ def test_existing_checkpoints_are_never_overwritten_without_resume(tmp_path, dat
     assert _train(tmp_path, data_dir, workdir, "--steps", "3").returncode == 0
     again = _train(tmp_path, data_dir, workdir, "--steps", "3")
     assert again.returncode == 2
-    assert again.stderr.strip() == f"error: {workdir}: already holds checkpoints; pass --resume to continue or choose another --workdir"
+    assert (
+        again.stderr.strip()
+        == f"error: {workdir}: already holds checkpoints; pass --resume to continue or choose another --workdir"
+    )
 
 
 def test_resume_refuses_another_backbone(tmp_path, data_dir):
@@ -175,4 +217,6 @@ def test_bad_data_is_a_one_line_error_with_exit_code_2(tmp_path):
     result = _train(tmp_path, tmp_path / "empty", tmp_path / "run")
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: {tmp_path / 'empty'}: empty folder")
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )

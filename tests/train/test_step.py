@@ -85,7 +85,7 @@ def test_variational_training_drives_loss_down_and_dice_up(sampler, backbone):
         ("mc_dropout", {}),
         ("ensemble", {"ensemble_size": 2}),
         ("vi", {"estimator": "full"}),
-        ("vi", {"num_particles": 3}),
+        ("vi", {"num_particles": 2}),
     ],
 )
 def test_every_method_learns(sampler, method, kwargs):

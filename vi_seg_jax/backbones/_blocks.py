@@ -115,8 +115,17 @@ def check_input(cls_name: str, x: jax.Array, *, spatial_dims: int, depth: int) -
 # --------------------------------------------------------------------------- layers
 
 
-ConvImpl = Literal["auto", "lax", "s2d", "stacked", "summed", "gemm"]
-CONV_IMPLS: tuple[str, ...] = ("auto", "lax", "s2d", "stacked", "summed", "gemm")
+ConvImpl = Literal["auto", "lax", "s2d", "stacked", "summed", "gemm", "fold", "fold_stacked"]
+CONV_IMPLS: tuple[str, ...] = (
+    "auto",
+    "lax",
+    "s2d",
+    "stacked",
+    "summed",
+    "gemm",
+    "fold",
+    "fold_stacked",
+)
 
 # The implementation `conv_general_dilated` uses, read at trace time (see `conv_impl`).
 _CONV_IMPL: list[str] = ["auto"]
@@ -317,7 +326,118 @@ def _conv3d_stride1(
         return lax.conv_general_dilated(
             x, w, (1, 1, 1), pads, dimension_numbers=_channels_last(5), **kw
         )
+    if impl in ("fold", "fold_stacked"):
+        return _conv3d_fold_gemm_wgrad(
+            x, w, pads, impl == "fold_stacked", precision, preferred_element_type
+        )
     return _conv3d_fold(x, w, pads, stacked=impl == "stacked", **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv3d_fold_gemm_wgrad(x, w, pads, stacked, precision, preferred_element_type):
+    """`_conv3d_fold` whose kernel gradient is one GEMM (`_kernel_grad_gemm`)."""
+    return _conv3d_fold(
+        x,
+        w,
+        pads,
+        stacked=stacked,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+def _fold_fwd(x, w, pads, stacked, precision, preferred_element_type):
+    y = _conv3d_fold_gemm_wgrad(x, w, pads, stacked, precision, preferred_element_type)
+    return y, (x, w)
+
+
+def _fold_bwd(pads, stacked, precision, preferred_element_type, res, dy):
+    x, w = res
+    _, x_vjp = jax.vjp(
+        lambda x: _conv3d_fold(
+            x,
+            w,
+            pads,
+            stacked=stacked,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        ),
+        x,
+    )
+    (dx,) = x_vjp(dy)
+    dw = _kernel_grad_gemm(x, dy, w.shape, pads, precision).astype(w.dtype)
+    return dx, dw
+
+
+_conv3d_fold_gemm_wgrad.defvjp(_fold_fwd, _fold_bwd)
+
+
+def _kernel_grad_gemm(
+    x: jax.Array,
+    dy: jax.Array,
+    kshape: tuple[int, ...],
+    pads: tuple[tuple[int, int], ...],
+    precision: Any,
+) -> jax.Array:
+    """`dL/dw` of a stride-1 channels-last 3D conv as one GEMM on the flattened padded grid.
+
+    With the padded input flattened to rows `q` (strides `(P1 * P2, P2, 1)`) and `dy`
+    placed on the same grid, `dw[t] = sum_q x[q + offset(t)] dy[q]`. The taps of the `A`
+    inner kernel axes are stacked on the input side, transposed (`[T_in * C, n]`, built
+    from one transpose of the `C`-channel input), the others on the gradient side as
+    row-shifted copies (`[n, T_out * O]`), so `dw = stacked_xᵀ @ shifted_dy` is a single
+    row-major GEMM without transposed copies of the large operand.
+    """
+    b = x.shape[0]
+    c, o = kshape[-2], kshape[-1]
+    ksize = kshape[:3]
+    x = lax.pad(
+        x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
+    )
+    grid = x.shape[1:4]
+    m = dy.shape[1:4]
+    dy = lax.pad(
+        dy,
+        jnp.zeros((), dy.dtype),
+        [(0, 0, 0), *((0, p - n, 0) for p, n in zip(grid, m, strict=True)), (0, 0, 0)],
+    )
+    strides = (grid[1] * grid[2], grid[2], 1)
+    q = b * math.prod(grid)
+
+    def taps(axes):
+        ranges = [range(k) if ax in axes else range(1) for ax, k in enumerate(ksize)]
+        return list(itertools.product(*ranges))
+
+    def offset(tap):
+        return sum(t * s for t, s in zip(tap, strides, strict=True))
+
+    def width(a):
+        t_in = math.prod(ksize[3 - a :])
+        return t_in * c + (math.prod(ksize) // t_in) * o
+
+    a = min((1, 2), key=width)
+    in_taps, out_taps = taps(range(3 - a, 3)), taps(range(3 - a))
+    n = q - offset(in_taps[-1])
+    xt = x.reshape(q, c).T
+    xs_t = jnp.concatenate(
+        [lax.slice_in_dim(xt, offset(t), offset(t) + n, axis=1) for t in in_taps]
+    )
+    dyf = dy.reshape(q, o)
+    dz = jnp.concatenate(
+        [lax.slice_in_dim(jnp.pad(dyf, ((offset(t), 0), (0, 0))), 0, n) for t in out_taps],
+        axis=1,
+    )
+    acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else None
+    dw = lax.dot_general(
+        xs_t, dz, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
+    )  # [(T_in, C), (T_out, O)]
+    dw = dw.reshape(len(in_taps), c, len(out_taps), o)
+    inner = ksize[3 - a :]
+    outer = ksize[: 3 - a]
+    dw = dw.reshape(*inner, c, *outer, o)
+    # -> (*outer, *inner, c, o)
+    perm = (*range(a + 1, a + 1 + (3 - a)), *range(a), a, 3 + 1)
+    return jnp.transpose(dw, perm)
 
 
 def _accumulation_dtype(dtype: Any, preferred_element_type: Any) -> tuple[Any, Any]:

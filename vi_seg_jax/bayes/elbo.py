@@ -98,9 +98,12 @@ def data_term(logits: jax.Array, labels: jax.Array, config: LikelihoodConfig) ->
     spatial = tuple(range(1, labels.ndim))
     target = targets(labels, config.task)
     if config.task == "wt":
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+        one_hot = jax.nn.one_hot(target, 2, dtype=logits.dtype)
+        # One-hot cross-entropy, not the integer-label form: the latter's gradient is a
+        # scatter of constants that XLA spends seconds constant-folding on 3D patches.
+        ce = optax.softmax_cross_entropy(logits, one_hot)
         dice = optax.losses.dice_loss(
-            logits, jax.nn.one_hot(target, 2), smooth=config.dice_smooth, ignore_background=True
+            logits, one_hot, smooth=config.dice_smooth, ignore_background=True
         )
     else:
         ce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target), axis=-1)

@@ -125,7 +125,9 @@ def prepare_dataset(
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(dataset.root)
     prepared = []
-    for case in tqdm(dataset.cases, desc="preparing cases", unit="case", disable=None if progress else True):
+    for case in tqdm(
+        dataset.cases, desc="preparing cases", unit="case", disable=None if progress else True
+    ):
         try:
             prepared.append(prepare_case(case, cache_dir, modalities=modalities, config=config))
         except DataError as error:

@@ -118,7 +118,9 @@ _BRATS_SUFFIXES = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
 LAYOUTS = {
     layout.name: layout
     for layout in (
-        Layout("brats2018", "BraTS 2018/2019 (HGG/ and LGG/ folders)", BRATS_2018_2021, _BRATS_SUFFIXES),
+        Layout(
+            "brats2018", "BraTS 2018/2019 (HGG/ and LGG/ folders)", BRATS_2018_2021, _BRATS_SUFFIXES
+        ),
         Layout("brats2020", "BraTS 2020 (BraTS20_Training_XXX)", BRATS_2018_2021, _BRATS_SUFFIXES),
         Layout("brats2021", "BraTS 2021 (BraTS2021_XXXXX)", BRATS_2018_2021, _BRATS_SUFFIXES),
         Layout(
@@ -154,7 +156,9 @@ def canonical_modality(name: str) -> str:
     }  # fmt: skip
     key = name.strip().lower()
     if key not in aliases:
-        raise ValueError(f"unknown modality {name!r}; expected one of {list(MODALITIES)} or an alias")
+        raise ValueError(
+            f"unknown modality {name!r}; expected one of {list(MODALITIES)} or an alias"
+        )
     return aliases[key]
 
 

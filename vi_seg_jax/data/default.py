@@ -42,7 +42,9 @@ def default_dataset_dir(spec: DefaultDataset = DefaultDataset()) -> Path:
     return cache_root() / "synthetic" / spec.folder_name
 
 
-def ensure_default_dataset(spec: DefaultDataset = DefaultDataset(), *, progress: bool = True) -> Path:
+def ensure_default_dataset(
+    spec: DefaultDataset = DefaultDataset(), *, progress: bool = True
+) -> Path:
     """Returns the default dataset's folder, generating it on first use."""
     from vi_seg_jax.data.synthetic import write_dataset
 

@@ -132,7 +132,12 @@ def discover_cases(
     if (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
         candidates = _msd_cases(root)
     elif (root / "HGG").is_dir() or (root / "LGG").is_dir():
-        folders = [f for group in ("HGG", "LGG") if (root / group).is_dir() for f in _subfolders(root / group)]
+        folders = [
+            f
+            for group in ("HGG", "LGG")
+            if (root / group).is_dir()
+            for f in _subfolders(root / group)
+        ]
         candidates = [_folder_case(folder, forced_layout="brats2018") for folder in folders]
         unnamed = [folder for folder, case in zip(folders, candidates, strict=True) if case is None]
     elif _folder_case(root) is not None:
@@ -182,7 +187,9 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith(".")
+    )
 
 
 def _year_layout(case_id: str, separator: str) -> str:
@@ -228,10 +235,18 @@ def _msd_cases(root: Path) -> list[_Candidate]:
             continue
         for image in _nifti_files(root / images_dir):
             files = {"image": image}
-            label = next(
-                (p for p in _nifti_files(root / labels_dir) if nifti_stem(p) == nifti_stem(image)),
-                None,
-            ) if (root / labels_dir).is_dir() else None
+            label = (
+                next(
+                    (
+                        p
+                        for p in _nifti_files(root / labels_dir)
+                        if nifti_stem(p) == nifti_stem(image)
+                    ),
+                    None,
+                )
+                if (root / labels_dir).is_dir()
+                else None
+            )
             if label is not None:
                 files["seg"] = label
             candidates.append(_Candidate(nifti_stem(image), root / images_dir, layout, files))
@@ -248,7 +263,9 @@ def _single_layout(root: Path, candidates: list[_Candidate]) -> Layout:
     return candidates[0].layout
 
 
-def _complete_case(candidate: _Candidate, modalities: Sequence[str], require_labels: bool) -> CaseFiles:
+def _complete_case(
+    candidate: _Candidate, modalities: Sequence[str], require_labels: bool
+) -> CaseFiles:
     layout = candidate.layout
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
@@ -261,7 +278,9 @@ def _complete_case(candidate: _Candidate, modalities: Sequence[str], require_lab
             suffix = str(layout.modality_suffixes[modality])
             if suffix not in candidate.files:
                 expected = f"{candidate.case_id}{layout.separator}{suffix}.nii.gz"
-                raise DataError(candidate.folder, f"missing modality {modality!r} (expected {expected})")
+                raise DataError(
+                    candidate.folder, f"missing modality {modality!r} (expected {expected})"
+                )
             images[modality] = candidate.files[suffix]
     label = candidate.files.get(layout.label_suffix)
     if label is None and require_labels:

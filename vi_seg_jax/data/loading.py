@@ -41,9 +41,14 @@ class CaseVolumes:
     reference: Path
 
 
-def check_geometry(case: CaseFiles, modalities: Sequence[str], *, affine_atol: float = AFFINE_ATOL_MM) -> tuple[int, int, int]:
+def check_geometry(
+    case: CaseFiles, modalities: Sequence[str], *, affine_atol: float = AFFINE_ATOL_MM
+) -> tuple[int, int, int]:
     """Header-only checks (no voxel data read). Returns the common [X, Y, Z] shape."""
-    headers = {path: read_nifti_header(path) for path in {*case.images.values(), *([case.label] if case.label else [])}}
+    headers = {
+        path: read_nifti_header(path)
+        for path in {*case.images.values(), *([case.label] if case.label else [])}
+    }
     reference = headers[case.images[modalities[0]]]
     for modality in modalities:
         header = headers[case.images[modality]]

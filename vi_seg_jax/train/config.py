@@ -23,7 +23,10 @@ class BackboneConfig:
     dropout_rate: float = 0.0
 
     def kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"spatial_dims": self.spatial_dims, "dropout_rate": self.dropout_rate}
+        kwargs: dict[str, Any] = {
+            "spatial_dims": self.spatial_dims,
+            "dropout_rate": self.dropout_rate,
+        }
         if self.features is not None:
             kwargs["features"] = tuple(self.features)
         if self.name == "unet":

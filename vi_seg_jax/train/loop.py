@@ -107,7 +107,9 @@ def load_data(config: TrainConfig, *, progress: bool = True):
     patch = tuple(config.data.patch_shape)
     min_shape = patch if len(patch) == 3 else (*patch, 1)
     preprocess_config = PreprocessConfig(
-        normalization=config.data.normalization, multiple=backbone_multiple(config), min_shape=min_shape
+        normalization=config.data.normalization,
+        multiple=backbone_multiple(config),
+        min_shape=min_shape,
     )
     by_id = {case.case_id: case for case in dataset.cases}
     wanted = set(splits.train[(train_size, 0)]) | set(splits.validation)
@@ -132,14 +134,20 @@ def train_and_evaluate(
     checkpoints = workdir / "checkpoints"
     manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
     if manager.latest_step() is not None and not resume:
-        raise DataError(workdir, "already holds checkpoints; pass --resume to continue or choose another --workdir")
+        raise DataError(
+            workdir,
+            "already holds checkpoints; pass --resume to continue or choose another --workdir",
+        )
     if resume and manager.latest_step() is not None:
         _check_same_run(read_meta(manager)["config"], config, checkpoints)
 
     dataset, splits, train_cases, validation_cases = load_data(config, progress=progress)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / "config.json", config.to_dict())
-    _write_json(workdir / "splits.json", {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()})
+    _write_json(
+        workdir / "splits.json",
+        {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()},
+    )
 
     sampler = PatchSampler(
         [case.image for case in train_cases],
@@ -148,7 +156,9 @@ def train_and_evaluate(
         batch_size=config.data.batch_size,
         foreground_fraction=config.data.foreground_fraction,
     )
-    num_data = num_data_for_patches([c.image.shape[:3] for c in train_cases], config.data.patch_shape)
+    num_data = num_data_for_patches(
+        [c.image.shape[:3] for c in train_cases], config.data.patch_shape
+    )
     spec = build_spec(config, num_data)
     init_key, _, eval_key, data_key = jax.random.split(jax.random.key(config.seed), 4)
     state = create_train_state(init_key, spec, sampler.batch_at(data_key, 0).images)
@@ -162,10 +172,20 @@ def train_and_evaluate(
     validate, predict, samples = _validator(spec, config, validation_cases, eval_key)
     schedule = config.schedule
     validate_every = schedule.validate_every_epochs * schedule.steps_per_epoch
-    patience = None if schedule.patience_epochs is None else schedule.patience_epochs * schedule.steps_per_epoch
+    patience = (
+        None
+        if schedule.patience_epochs is None
+        else schedule.patience_epochs * schedule.steps_per_epoch
+    )
     first_step = int(state.step)
     stopped_early = False
-    bar = tqdm(total=schedule.steps, initial=first_step, desc="training", unit="step", disable=None if progress else True)
+    bar = tqdm(
+        total=schedule.steps,
+        initial=first_step,
+        desc="training",
+        unit="step",
+        disable=None if progress else True,
+    )
     with bar, open(workdir / "metrics.jsonl", "a") as log:
         for step in range(first_step, schedule.steps):
             batch = sampler.batch_at(data_key, step)
@@ -180,19 +200,31 @@ def train_and_evaluate(
                         "--learning-rate or raise --kl-warmup-epochs"
                     )
                 _log(log, {"step": done, **values})
-                bar.set_postfix(loss=f"{values['loss']:.3g}", kl=f"{values['kl']:.3g}", dice=f"{values['dice']:.3f}")
+                bar.set_postfix(
+                    loss=f"{values['loss']:.3g}",
+                    kl=f"{values['kl']:.3g}",
+                    dice=f"{values['dice']:.3f}",
+                )
             bar.update(1)
             if done % validate_every == 0 or done == schedule.steps:
                 result = validate(state)
                 _log(log, {"step": done, **result})
                 if result["val_dice"] > progress_state.best_val_dice:
                     progress_state = _Progress(result["val_dice"], done, done)
-                meta = {"config": config.to_dict(), "progress": dataclasses.asdict(progress_state), "sampler_position": done}
+                meta = {
+                    "config": config.to_dict(),
+                    "progress": dataclasses.asdict(progress_state),
+                    "sampler_position": done,
+                }
                 save_checkpoint(manager, state, meta, metrics={"val_dice": result["val_dice"]})
-                bar.write(f"step {done}: val_dice {result['val_dice']:.4f} val_iou {result['val_iou']:.4f}")
+                bar.write(
+                    f"step {done}: val_dice {result['val_dice']:.4f} val_iou {result['val_iou']:.4f}"
+                )
                 if patience is not None and done - progress_state.last_improvement_step >= patience:
                     stopped_early = True
-                    bar.write(f"early stopping: no validation improvement for {schedule.patience_epochs} epochs")
+                    bar.write(
+                        f"early stopping: no validation improvement for {schedule.patience_epochs} epochs"
+                    )
                     break
 
     final = _last_validation(workdir / "metrics.jsonl")
@@ -249,19 +281,27 @@ def _from_batch(array: jax.Array, spatial_dims: int) -> np.ndarray:
     return array[0] if spatial_dims == 3 else np.moveaxis(array, 0, 2)
 
 
-def _validator(spec: ModelSpec, config: TrainConfig, cases: list[PreparedCase], eval_key: jax.Array):
+def _validator(
+    spec: ModelSpec, config: TrainConfig, cases: list[PreparedCase], eval_key: jax.Array
+):
     """A function state -> {val_dice, val_iou} (means over validation volumes)."""
     dims = config.backbone.spatial_dims
     # Pad every validation volume to one shape so the predictive compiles once.
     shape = tuple(np.max([c.image.shape[:3] for c in cases], axis=0))
     method = config.method
-    samples = method.ensemble_size if method.method == "ensemble" else config.schedule.validation_samples
+    samples = (
+        method.ensemble_size if method.method == "ensemble" else config.schedule.validation_samples
+    )
     samples = 1 if method.method == "deterministic" else samples
 
     @jax.jit
     def predict_batch(state: TrainState, images: jax.Array, key: jax.Array) -> Predictive:
         return posterior_predictive(
-            sample_fn_for(spec, state), images, key, num_samples=samples, task=spec.objective.likelihood.task
+            sample_fn_for(spec, state),
+            images,
+            key,
+            num_samples=samples,
+            task=spec.objective.likelihood.task,
         )
 
     def predict(state: TrainState, index: int) -> Predictive:
@@ -315,7 +355,11 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drops log lines written after `step` (by a run killed after its last checkpoint)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(line + "\n" for line in lines))
 
 
