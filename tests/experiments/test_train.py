@@ -48,8 +48,8 @@ def _env(tmp_path):
     }
 
 
-def _train(tmp_path, data_dir, workdir, *extra, timeout=600):
-    command = [
+def _command(data_dir, workdir, *extra):
+    return [
         sys.executable,
         "-m",
         "experiments.train",
@@ -57,9 +57,14 @@ def _train(tmp_path, data_dir, workdir, *extra, timeout=600):
         str(data_dir),
         "--workdir",
         str(workdir),
+        *TINY,
+        *extra,
     ]
+
+
+def _train(tmp_path, data_dir, workdir, *extra, timeout=600):
     return subprocess.run(
-        [*command, *TINY, *extra],
+        _command(data_dir, workdir, *extra),
         capture_output=True,
         text=True,
         env=_env(tmp_path),
@@ -132,17 +137,8 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir):
     assert _train(tmp_path, data_dir, reference, *steps).returncode == 0
 
     interrupted = tmp_path / "interrupted"
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.train",
-        "--data-dir",
-        str(data_dir),
-        "--workdir",
-        str(interrupted),
-    ]
     process = subprocess.Popen(
-        [*command, *TINY, *steps],
+        _command(data_dir, interrupted, *steps),
         env=_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -80,8 +80,7 @@ def build_spec(config: TrainConfig, num_data: float) -> ModelSpec:
 
 def backbone_multiple(config: TrainConfig) -> int:
     """Spatial sizes must be multiples of 2**depth of the backbone."""
-    backbone = get_backbone(config.backbone.name, num_classes=2, **config.backbone.kwargs())
-    return 2 ** (len(backbone.features) - 1)
+    return 2 ** get_backbone(config.backbone.name, num_classes=2, **config.backbone.kwargs()).depth
 
 
 def load_data(config: TrainConfig, *, progress: bool = True):
