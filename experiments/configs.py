@@ -49,7 +49,7 @@ def _quick(backbone: str) -> TrainConfig:
         learning_rate=3e-3,
         data=DataConfig(patch_shape=(32, 32, 32), batch_size=4, foreground_fraction=0.5),
         schedule=ScheduleConfig(
-            steps=300,
+            steps=200,
             steps_per_epoch=50,
             decay_every_epochs=4,
             validate_every_epochs=2,
