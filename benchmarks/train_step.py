@@ -217,7 +217,8 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     labels = jnp.asarray(rng.integers(0, 5, size=(args.batch, *spatial)), jnp.uint8)
     mesh = None
     if args.devices > 1:
-        mesh = jax.make_mesh((args.devices,), ("data",))
+        # Auto axes: XLA's sharding propagation partitions the step along the batch.
+        mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         images = jax.device_put(images, NamedSharding(mesh, P("data")))
         labels = jax.device_put(labels, NamedSharding(mesh, P("data")))
     batch = (images, labels)

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from jax import lax
 
-from vi_seg_jax.backbones._blocks import CONV_IMPLS, conv_general_dilated, conv_impl
+from vi_seg_jax.backbones._blocks import (
+    CONV_IMPLS,
+    _auto_impl,
+    conv_general_dilated,
+    conv_impl,
+)
 
 # (input shape, kernel shape, strides, padding): the backbones' convs and odd sizes.
 CASES_3D = [
@@ -121,18 +126,30 @@ def test_bfloat16_close_to_lax(impl):
     )
 
 
-def test_auto_picks_gemm_for_large_convs_and_stays_exact():
-    """At the U-Net's first level (>= 32^3 output voxels) "auto" takes the GEMM path."""
-    x, w = _array((1, 32, 32, 32, 2), 7), _array((3, 3, 3, 2, 2), 8)
+def test_auto_choices_follow_the_measured_rule():
+    """ "auto" (the backbones' default): GEMM kernel gradients for the large and the 2-tap
+    (strided-rewrite) convs, the whole GEMM form for few input channels, 2D folds else."""
+    same = ((1, 1),) * 3
+    assert _auto_impl((2, 64, 64, 64, 16), (3, 3, 3, 16, 16), same) == "fold"
+    assert _auto_impl((2, 64, 64, 64, 4), (3, 3, 3, 4, 16), same) == "gemm"
+    assert _auto_impl((2, 33, 33, 33, 128), (2, 2, 2, 128, 32), ((0, 0),) * 3) == "fold"
+    assert _auto_impl((2, 16, 16, 16, 64), (3, 3, 3, 64, 64), same) == "summed"
+    assert _auto_impl((2, 16, 16, 16, 4), (3, 3, 3, 4, 8), same) == "stacked"
+
+
+def test_auto_kernel_gradient_is_a_gemm():
+    """Under "auto" a 2-tap conv's kernel gradient is a dot, not an XLA (transposed) conv."""
+    x, w = _array((1, 5, 5, 5, 3), 7), _array((2, 2, 2, 3, 2), 8)
     dn = ("NDHWC", "DHWIO", "NDHWC")
 
-    def f(x, w):
-        return conv_general_dilated(x, w, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=dn)
+    def loss(w):
+        return jnp.sum(conv_general_dilated(x, w, (1, 1, 1), "VALID", dimension_numbers=dn))
 
-    jaxpr = jax.make_jaxpr(f)(x, w)
-    assert not any(e.primitive.name == "conv_general_dilated" for e in jaxpr.jaxpr.eqns)
-    ref = lax.conv_general_dilated(x, w, (1, 1, 1), ((1, 1),) * 3, dimension_numbers=dn)
-    np.testing.assert_allclose(jax.jit(f)(x, w), ref, atol=2e-5, rtol=2e-5)
+    with conv_impl("auto"):
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(w)
+    names = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    assert "dot_general" in names
+    assert "conv_general_dilated" not in names  # the kernel gradient needs no conv
 
 
 def test_unknown_impl_raises():

@@ -19,7 +19,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -130,24 +130,32 @@ CONV_IMPLS: tuple[str, ...] = (
 # The implementation `conv_general_dilated` uses, read at trace time (see `conv_impl`).
 _CONV_IMPL: list[str] = ["auto"]
 
-# "auto" stacks the depth taps into the channels (one 2D conv) while `K * C_in` is at most
-# this, and sums one 2D conv per depth tap above it (measured, see `conv_general_dilated`).
+# "auto" (measured per layer in the 3D U-Net's LRT step, see `_auto_impl`): the 2D convs
+# stack the depth taps into the channels while `K0 * C_in` is at most this, ...
 STACK_MAX_CHANNELS = 24
-
-# "auto" uses the GEMM formulation for convs with at least this many output voxels.
-GEMM_MIN_VOXELS = 32**3
+# ... and the kernel gradient is one GEMM for convs with at least this many output voxels
+# (batch included) or with 2-tap kernels (the strided rewrite's), XLA's conv otherwise.
+GEMM_GRAD_MIN_VOXELS = 2 * 48**3
 
 
 @contextlib.contextmanager
 def conv_impl(impl: ConvImpl):
     """Selects how `conv_general_dilated` computes 3D convs while tracing inside the block.
 
-    For benchmarks and tests; every choice is exact (to float rounding):
-      `"auto"` (default): `"s2d"` for strided convs, then each stride-1 3D conv as 2D
-        convolutions over the first spatial axis ("stacked" or "summed" by channel count).
+    For benchmarks and tests; every choice is exact (equal to `lax.conv_general_dilated` in
+    values and gradients up to float rounding). All but `"lax"` apply the strided rewrite
+    (space-to-depth, see `conv_general_dilated`) first; they differ in the stride-1 conv:
+      `"auto"` (default): per conv, by the rule `_auto_impl` measured on CPU; on other
+        backends `"s2d"`.
       `"lax"`: plain `lax.conv_general_dilated` everywhere.
-      `"s2d"`: only the strided rewrite (space-to-depth); stride-1 convs go to XLA's 3D conv.
-      `"stacked"` / `"summed"`: like `"auto"` with that depth-fold formulation for every conv.
+      `"s2d"`: XLA's 3D conv (the implementation before the 2D/GEMM forms).
+      `"stacked"` / `"summed"`: 2D convs over the first spatial axis's shifted slices folded
+        into the batch, stacked along channels (one conv) or summed (one conv per tap);
+        autodiff gives 2D-conv gradients.
+      `"fold"` / `"fold_stacked"`: `"summed"` / `"stacked"` with the kernel gradient as one
+        GEMM (`_kernel_grad`) instead of XLA's (transposing) kernel-gradient conv.
+      `"gemm"`: the GEMM form on the flattened padded grid (`_conv3d_gemm`), custom VJP.
+    1×1×1 kernels use the GEMM form under every choice but `"lax"` and `"s2d"`.
 
     The choice is read when a function is traced: jit a fresh function inside the block.
     """
@@ -191,15 +199,28 @@ def conv_general_dilated(
          zero-padded to `Q * s` and rearranged to `(Q,) * d + (s**d * C_in, C_out)`; its
          forward pass costs `(Q * s / K)**d` times the strided conv's FLOPs (2.4× for a
          3×3×3 stride-2 conv), and forward+backward is 6-19× faster on CPU.
-    2. Stride 1 with a kernel of `K > 1` taps along the first spatial axis: that axis is
-       padded, the `K` shifted slices are taken and folded into the batch, and the conv
-       becomes 2D convolutions over the other two axes, either one conv on the slices
-       stacked along channels with a `(K1, K2, K * C_in, C_out)` kernel ("stacked", best
-       for few input channels) or the sum of `K` convs with the kernel's slices ("summed").
-       Exact to float rounding; XLA differentiates it into 2D convs as well.
+    2. Stride 1 (`_auto_impl` picks per conv; `conv_impl` forces one):
+       - "summed"/"stacked": the first spatial axis is padded, its `K0` shifted slices are
+         folded into the batch, and the conv becomes 2D convolutions over the other two
+         axes (XLA:CPU runs 2D convs 3-4× faster than 3D ones): the sum of `K0` convs with
+         the kernel slices `w[k]`, or one conv on the slices stacked along channels with a
+         `(K1, K2, K0 * C_in, C_out)` kernel (better for few input channels);
+       - "fold": "summed" forward and input gradient, but the kernel gradient as one GEMM
+         on the flattened padded grid (`_kernel_grad`): XLA's kernel-gradient conv copies
+         its operands transposed (batch-minor), which at 2×64³ costs more than the conv;
+       - "gemm" (and every 1×1×1 kernel): the conv itself as one GEMM plus a shifted sum on
+         the flattened padded grid, with a custom VJP of GEMMs (`_conv3d_gemm`).
+       `_auto_impl`: "fold" for convs with >= 2·48³ output voxels or 2-tap kernels (the
+       strided rewrite's), "gemm" when those have `K0 * C_in <= 24` (the 4-channel input
+       conv), "summed" (or "stacked" for few channels) for the small levels.
 
-    Measured in the real 3D U-Net training step (see `benchmarks/train_step.py`): see the
-    module's `conv_impl` and the benchmark's docstring for the numbers.
+    Measured (2-core AMD EPYC Zen 4, jax 0.10.2, `benchmarks/train_step.py` defaults: the
+    paper's 3D U-Net, LRT, 2×4×64³; a shared machine, so interleaved ratios): "auto" is
+    2.4-2.8× faster per training step than "s2d", and 1.07-1.15× faster than "summed";
+    per layer (forward+backward of LRT's two convs) "fold" beats "summed" 1.3-1.4× at
+    64³×16 and 1.3-1.7× on the strided rewrite's 2-tap convs, "gemm" 2× on the 4-channel
+    input conv, while "summed" wins at 32³ and below. Values and gradients are checked
+    against `lax.conv_general_dilated` in `tests/backbones/test_conv_impl.py`.
 
     A variational layer replacing `nn.Conv.__call__` should call this function (it is the
     module's `conv_general_dilated` attribute) with the module's strides and padding.
@@ -207,6 +228,8 @@ def conv_general_dilated(
     nd = lhs.ndim
     d = nd - 2
     impl = _CONV_IMPL[0]
+    if impl == "auto" and jax.default_backend() != "cpu":
+        impl = "s2d"  # measured on CPU only; accelerators keep their own 3D convs
     strides = tuple(int(s) for s in window_strides)
     channels_last = _channels_last(nd)
     fast = (
@@ -305,23 +328,16 @@ def _conv3d_stride1(
 ) -> jax.Array:
     """A stride-1, channels-last 3D conv `[B, N0, N1, N2, C] * [K0, K1, K2, C, O]`."""
     kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-    if impl == "s2d" or all(k == 1 for k in w.shape[:3]):
+    if impl == "s2d":
         return lax.conv_general_dilated(
             x, w, (1, 1, 1), pads, dimension_numbers=_channels_last(5), **kw
         )
+    if all(k == 1 for k in w.shape[:3]):  # a matrix product per voxel
+        return _conv3d_gemm(x, w, pads, precision, preferred_element_type)
     if impl == "auto":
-        out_voxels = math.prod(
-            n + lo + hi - k + 1
-            for n, (lo, hi), k in zip(x.shape[1:4], pads, w.shape[:3], strict=True)
-        )
-        if out_voxels >= GEMM_MIN_VOXELS:
-            impl = "gemm"
-        elif w.shape[0] * w.shape[-2] <= STACK_MAX_CHANNELS:
-            impl = "stacked"
-        else:
-            impl = "summed"
+        impl = _auto_impl(x.shape, w.shape, pads)
     if impl == "gemm":
-        return _conv3d_gemm(x, w, pads, **kw)
+        return _conv3d_gemm(x, w, pads, precision, preferred_element_type)
     if w.shape[0] == 1:
         return lax.conv_general_dilated(
             x, w, (1, 1, 1), pads, dimension_numbers=_channels_last(5), **kw
@@ -372,72 +388,15 @@ def _fold_bwd(pads, stacked, precision, preferred_element_type, res, dy):
 _conv3d_fold_gemm_wgrad.defvjp(_fold_fwd, _fold_bwd)
 
 
-def _kernel_grad_gemm(
-    x: jax.Array,
-    dy: jax.Array,
-    kshape: tuple[int, ...],
-    pads: tuple[tuple[int, int], ...],
-    precision: Any,
-) -> jax.Array:
-    """`dL/dw` of a stride-1 channels-last 3D conv as one GEMM on the flattened padded grid.
-
-    With the padded input flattened to rows `q` (strides `(P1 * P2, P2, 1)`) and `dy`
-    placed on the same grid, `dw[t] = sum_q x[q + offset(t)] dy[q]`. The taps of the `A`
-    inner kernel axes are stacked on the input side, transposed (`[T_in * C, n]`, built
-    from one transpose of the `C`-channel input), the others on the gradient side as
-    row-shifted copies (`[n, T_out * O]`), so `dw = stacked_xᵀ @ shifted_dy` is a single
-    row-major GEMM without transposed copies of the large operand.
-    """
-    b = x.shape[0]
-    c, o = kshape[-2], kshape[-1]
-    ksize = kshape[:3]
-    x = lax.pad(
-        x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
+def _auto_impl(x_shape, kshape, pads) -> str:
+    """The formulation "auto" picks for a stride-1 3D conv (measured, `conv_general_dilated`)."""
+    voxels = x_shape[0] * math.prod(
+        n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, kshape[:3], strict=True)
     )
-    grid = x.shape[1:4]
-    m = dy.shape[1:4]
-    dy = lax.pad(
-        dy,
-        jnp.zeros((), dy.dtype),
-        [(0, 0, 0), *((0, p - n, 0) for p, n in zip(grid, m, strict=True)), (0, 0, 0)],
-    )
-    strides = (grid[1] * grid[2], grid[2], 1)
-    q = b * math.prod(grid)
-
-    def taps(axes):
-        ranges = [range(k) if ax in axes else range(1) for ax, k in enumerate(ksize)]
-        return list(itertools.product(*ranges))
-
-    def offset(tap):
-        return sum(t * s for t, s in zip(tap, strides, strict=True))
-
-    def width(a):
-        t_in = math.prod(ksize[3 - a :])
-        return t_in * c + (math.prod(ksize) // t_in) * o
-
-    a = min((1, 2), key=width)
-    in_taps, out_taps = taps(range(3 - a, 3)), taps(range(3 - a))
-    n = q - offset(in_taps[-1])
-    xt = x.reshape(q, c).T
-    xs_t = jnp.concatenate(
-        [lax.slice_in_dim(xt, offset(t), offset(t) + n, axis=1) for t in in_taps]
-    )
-    dyf = dy.reshape(q, o)
-    dz = jnp.concatenate(
-        [lax.slice_in_dim(jnp.pad(dyf, ((offset(t), 0), (0, 0))), 0, n) for t in out_taps],
-        axis=1,
-    )
-    acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else None
-    dw = lax.dot_general(
-        xs_t, dz, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
-    )  # [(T_in, C), (T_out, O)]
-    dw = dw.reshape(len(in_taps), c, len(out_taps), o)
-    inner = ksize[3 - a :]
-    outer = ksize[: 3 - a]
-    dw = dw.reshape(*inner, c, *outer, o)
-    # -> (*outer, *inner, c, o)
-    perm = (*range(a + 1, a + 1 + (3 - a)), *range(a), a, 3 + 1)
-    return jnp.transpose(dw, perm)
+    stacked = kshape[0] * kshape[-2] <= STACK_MAX_CHANNELS
+    if voxels >= GEMM_GRAD_MIN_VOXELS or max(kshape[:3]) == 2:
+        return "gemm" if stacked else "fold"
+    return "stacked" if stacked else "summed"
 
 
 def _accumulation_dtype(dtype: Any, preferred_element_type: Any) -> tuple[Any, Any]:
@@ -500,76 +459,211 @@ def _conv3d_fold(
     return y.reshape(b, m, *y.shape[1:])
 
 
-def _conv3d_gemm(
-    x: jax.Array,
-    w: jax.Array,
-    pads: tuple[tuple[int, int], ...],
-    *,
-    precision: Any,
-    preferred_element_type: Any,
-) -> jax.Array:
+class _GemmPlan(NamedTuple):
+    """How a stride-1 3D conv maps onto the flattened padded grid (see `_conv3d_gemm`)."""
+
+    grid: tuple[int, int, int]  # padded spatial shape
+    out: tuple[int, int, int]  # output spatial shape
+    q: int  # rows of the flattened padded input, B * prod(grid)
+    in_offsets: tuple[int, ...]  # row offsets of the taps stacked on the input side
+    out_offsets: tuple[int, ...]  # row offsets of the taps summed on the output side
+    in_taps: tuple[tuple[int, int, int], ...]
+    out_taps: tuple[tuple[int, int, int], ...]
+    inner: int  # number of inner kernel axes whose taps are on the input side
+
+    @property
+    def n_in(self) -> int:  # rows of the stacked input
+        return self.q - self.in_offsets[-1]
+
+    @property
+    def n_out(self) -> int:  # rows of the output grid that are computed
+        return self.n_in - self.out_offsets[-1]
+
+
+def _gemm_plan(x_shape, kshape, pads) -> _GemmPlan:
+    b, c, o = x_shape[0], kshape[-2], kshape[-1]
+    ksize = tuple(kshape[:3])
+    grid = tuple(n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], pads, strict=True))
+    strides = (grid[1] * grid[2], grid[2], 1)
+
+    def width(a):
+        t_in = math.prod(ksize[3 - a :])
+        return t_in * c + (math.prod(ksize) // t_in) * o
+
+    # Inner axes whose taps go on the input side: the cheaper of 1 or 2 in stacked widths.
+    a = min((1, 2), key=width)
+
+    def taps(axes):
+        ranges = [range(k) if ax in axes else range(1) for ax, k in enumerate(ksize)]
+        return tuple(itertools.product(*ranges))
+
+    def offset(tap):
+        return sum(t * s for t, s in zip(tap, strides, strict=True))
+
+    in_taps, out_taps = taps(range(3 - a, 3)), taps(range(3 - a))
+    return _GemmPlan(
+        grid=grid,
+        out=tuple(p - k + 1 for p, k in zip(grid, ksize, strict=True)),
+        q=b * math.prod(grid),
+        in_offsets=tuple(offset(t) for t in in_taps),
+        out_offsets=tuple(offset(t) for t in out_taps),
+        in_taps=in_taps,
+        out_taps=out_taps,
+        inner=a,
+    )
+
+
+def _gemm_kernel_matrix(w: jax.Array, plan: _GemmPlan) -> jax.Array:
+    """`w` as `[T_in * C, T_out * O]`: row block = input-side tap, column block = output-side."""
+    c, o = w.shape[-2], w.shape[-1]
+    wm = jnp.stack(
+        [
+            jnp.concatenate(
+                [w[tuple(i + j for i, j in zip(ti, to, strict=True))] for ti in plan.in_taps], 0
+            )
+            for to in plan.out_taps
+        ],
+        axis=1,
+    )
+    return wm.reshape(len(plan.in_taps) * c, len(plan.out_taps) * o)
+
+
+def _pad_flat(x: jax.Array, pads) -> jax.Array:
+    """`[B, N0, N1, N2, C]` padded by `pads` and flattened to `[Q, C]`."""
+    x = lax.pad(
+        x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
+    )
+    return x.reshape(-1, x.shape[-1])
+
+
+def _shifted(a: jax.Array, offsets, n: int, axis: int) -> jax.Array:
+    """Copies of `a` shifted by `+offsets[k]` along `axis` (zero-filled, length `n` there),
+    concatenated along the other axis of the 2D `a`: block `k` is `a[r - offsets[k]]`."""
+    top = max(offsets)
+    pad = [(0, 0, 0), (0, 0, 0)]
+    pad[axis] = (top, n - a.shape[axis], 0)
+    padded = lax.pad(a, jnp.zeros((), a.dtype), pad)
+    parts = [lax.slice_in_dim(padded, top - k, top - k + n, axis=axis) for k in offsets]
+    return jnp.concatenate(parts, axis=1 - axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv3d_gemm(x, w, pads, precision, preferred_element_type):
     """The conv as one matrix product on the flattened padded grid plus a shifted sum.
 
     On the padded input flattened to `[Q, C]` (row `q` = voxel `(n, i, j, l)`, strides
     `(P1 * P2, P2, 1)`), a kernel tap `t` reads row `q + offset(t)`, so the output at the
     padded grid's row `q` is `sum_t x[q + offset(t)] @ w[t]`: exact for every valid output
     voxel (rows at the padding are computed and dropped). The taps are split between the
-    two sides of one GEMM: the `A` inner kernel axes' taps are stacked along the input's
-    channels (`[Q, T_in * C]`, contiguous row-shifted slices), the other axes' taps along
-    the product's columns (`[Q, T_in * C] @ [T_in * C, T_out * O]`), and the `T_out` column
-    blocks are summed at their row offsets. `A` (1 or 2) minimises the stacked widths
-    `T_in * C + T_out * O`.
+    two sides of one GEMM: the taps of the 1 or 2 inner kernel axes are stacked along the
+    input's channels (`[Q, T_in * C]`, contiguous row-shifted slices), the others along the
+    product's columns (`[Q, T_in * C] @ [T_in * C, T_out * O]`), and the `T_out` column
+    blocks are summed at their row offsets.
 
-    Every operand stays row-major, so XLA differentiates it into GEMMs (`dW` is
-    `stackedᵀ @ dZ`, no transposed copies of activations) and fused shifted sums.
+    Its gradient (custom VJP) is GEMMs on row-major operands as well: the output gradient's
+    row-shifted copies `dZ` (`[Q, T_out * O]`), `dX = shifted sum of dZ @ Wᵀ`, and
+    `dW = stacked_xᵀ @ dZ` with the stacked input built from one transpose of the
+    `C`-channel input, so no large operand is copied transposed.
     """
-    b = x.shape[0]
-    c, o = w.shape[-2], w.shape[-1]
-    ksize = w.shape[:3]
-    x = lax.pad(
-        x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
-    )
-    grid = x.shape[1:4]
-    m = tuple(p - k + 1 for p, k in zip(grid, ksize, strict=True))
-    strides = (grid[1] * grid[2], grid[2], 1)
-    q = b * math.prod(grid)
-    xf = x.reshape(q, c)
-
-    def taps(axes):
-        ranges = [range(k) if ax in axes else range(1) for ax, k in enumerate(ksize)]
-        return list(itertools.product(*ranges))
-
-    def offset(tap):
-        return sum(t * s for t, s in zip(tap, strides, strict=True))
-
-    def width(a):
-        t_in = math.prod(ksize[3 - a :])
-        return t_in * c + (math.prod(ksize) // t_in) * o
-
-    a = min((1, 2), key=width)
-    in_taps, out_taps = taps(range(3 - a, 3)), taps(range(3 - a))
-    n_in = q - offset(in_taps[-1])
-    xs = jnp.concatenate([lax.slice_in_dim(xf, offset(t), offset(t) + n_in) for t in in_taps], 1)
-    wm = jnp.stack(
-        [
-            jnp.concatenate(
-                [w[tuple(i + j for i, j in zip(ti, to, strict=True))] for ti in in_taps], 0
-            )
-            for to in out_taps
-        ],
-        axis=1,
-    ).reshape(len(in_taps) * c, len(out_taps) * o)
+    plan = _gemm_plan(x.shape, w.shape, pads)
+    o = w.shape[-1]
+    xf = _pad_flat(x, pads)
+    n_in, n_out = plan.n_in, plan.n_out
+    xs = jnp.concatenate([lax.slice_in_dim(xf, k, k + n_in) for k in plan.in_offsets], axis=1)
     acc, out = _accumulation_dtype(x.dtype, preferred_element_type)
     z = lax.dot_general(
-        xs, wm, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=acc
-    ).reshape(n_in, len(out_taps), o)
-    n_out = n_in - offset(out_taps[-1])
+        xs,
+        _gemm_kernel_matrix(w, plan),
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=acc,
+    )
     parts = [
-        lax.slice_in_dim(z[:, k], offset(t), offset(t) + n_out) for k, t in enumerate(out_taps)
+        lax.slice(z, (k, i * o), (k + n_out, (i + 1) * o)) for i, k in enumerate(plan.out_offsets)
     ]
     y = functools.reduce(jnp.add, parts).astype(out)
-    y = jnp.pad(y, ((0, q - n_out), (0, 0))).reshape(b, *grid, o)
-    return y[:, : m[0], : m[1], : m[2]]
+    y = jnp.pad(y, ((0, plan.q - n_out), (0, 0))).reshape(x.shape[0], *plan.grid, o)
+    return y[:, : plan.out[0], : plan.out[1], : plan.out[2]]
+
+
+def _gemm_fwd(x, w, pads, precision, preferred_element_type):
+    return _conv3d_gemm(x, w, pads, precision, preferred_element_type), (x, w)
+
+
+def _gemm_bwd(pads, precision, preferred_element_type, res, dy):
+    x, w = res
+    plan = _gemm_plan(x.shape, w.shape, pads)
+    c = x.shape[-1]
+    acc = jnp.float32 if jnp.finfo(dy.dtype).bits < 32 else None
+    dyf = _grad_rows(dy, plan)
+    dz = _shifted(dyf, plan.out_offsets, plan.n_in, axis=0)  # [n_in, T_out * O]
+    dxs = lax.dot_general(
+        dz,
+        _gemm_kernel_matrix(w, plan).astype(dz.dtype),
+        (((1,), (1,)), ((), ())),
+        precision=precision,
+        preferred_element_type=acc,
+    )
+    parts = [
+        lax.pad(
+            dxs[:, i * c : (i + 1) * c],
+            jnp.zeros((), dxs.dtype),
+            [(k, plan.q - plan.n_in - k, 0), (0, 0, 0)],
+        )
+        for i, k in enumerate(plan.in_offsets)
+    ]
+    dx = functools.reduce(jnp.add, parts).reshape(x.shape[0], *plan.grid, c)
+    dx = dx[:, *(slice(lo, lo + n) for (lo, _), n in zip(pads, x.shape[1:4], strict=True))]
+    dw = _kernel_grad(x, dyf, w.shape, plan, pads, precision, dz=dz)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv3d_gemm.defvjp(_gemm_fwd, _gemm_bwd)
+
+
+def _grad_rows(dy: jax.Array, plan: _GemmPlan) -> jax.Array:
+    """The output gradient on the padded grid, flattened: `[n_out, O]`."""
+    o = dy.shape[-1]
+    pad = [(0, 0, 0), *((0, p - n, 0) for p, n in zip(plan.grid, plan.out, strict=True)), (0, 0, 0)]
+    return lax.pad(dy, jnp.zeros((), dy.dtype), pad).reshape(plan.q, o)[: plan.n_out]
+
+
+def _kernel_grad(x, dyf, kshape, plan: _GemmPlan, pads, precision, dz=None) -> jax.Array:
+    """`dL/dw` as one GEMM `stacked_xᵀ @ dZ` over the rows of the padded grid.
+
+    The side with fewer stacked columns is built transposed from one transpose of its
+    (input or output gradient) array, so the GEMM's operands are both row-major and XLA
+    copies no large operand transposed. `dz` (`[n_in, T_out * O]`) is reused if given.
+    """
+    c, o = kshape[-2], kshape[-1]
+    n = plan.n_in
+    xf = _pad_flat(x, pads)
+    acc = jnp.float32 if jnp.finfo(x.dtype).bits < 32 else None
+    dims = (((1,), (0,)), ((), ()))
+    dyf = dyf.astype(x.dtype)
+    if len(plan.out_offsets) * o < len(plan.in_offsets) * c:
+        dz_t = _shifted(dyf.T, plan.out_offsets, n, axis=1)  # [T_out * O, n]
+        xs = jnp.concatenate([lax.slice_in_dim(xf, k, k + n) for k in plan.in_offsets], axis=1)
+        dw = lax.dot_general(dz_t, xs, dims, precision=precision, preferred_element_type=acc).T
+    else:
+        xt = xf.T  # one transpose of the C-channel input
+        xs_t = jnp.concatenate([lax.slice_in_dim(xt, k, k + n, axis=1) for k in plan.in_offsets])
+        if dz is None:
+            dz = _shifted(dyf, plan.out_offsets, n, axis=0)
+        dw = lax.dot_general(
+            xs_t, dz.astype(x.dtype), dims, precision=precision, preferred_element_type=acc
+        )
+    # [(T_in, C), (T_out, O)] -> (*inner, c, *outer, o) -> (*outer, *inner, c, o)
+    a = plan.inner
+    ksize = kshape[:3]
+    dw = dw.reshape(*ksize[3 - a :], c, *ksize[: 3 - a], o)
+    return jnp.transpose(dw, (*range(a + 1, 4), *range(a), a, 4))
+
+
+def _kernel_grad_gemm(x, dy, kshape, pads, precision) -> jax.Array:
+    """`dL/dw` of a stride-1 channels-last 3D conv computed as one GEMM (`_kernel_grad`)."""
+    plan = _gemm_plan(x.shape, kshape, pads)
+    return _kernel_grad(x, _grad_rows(dy, plan), kshape, plan, pads, precision)
 
 
 def conv3(
