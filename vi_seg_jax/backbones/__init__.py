@@ -10,7 +10,8 @@ For the variational layer: every convolution is an `nn.Conv` submodule with a st
 the 3×3(×3) ones (kernel shape `(3,) * spatial_dims + (c_in, c_out)`) never have a bias;
 1×1(×1), 2×2(×2) and upsampling convs are the deterministic part by default. All convs use
 `_blocks.conv_general_dilated` (their `conv_general_dilated` attribute), an exact drop-in for
-`lax.conv_general_dilated` with a fast path for strided 3D convolutions.
+`lax.conv_general_dilated` that rewrites strided 3D convolutions as stride-1 ones and, on
+CPU, picks per convolution between XLA and matrix-product formulations (`conv_impl`).
 """
 
 from __future__ import annotations
