@@ -7,12 +7,11 @@ the K members train in one step on the same batch with their own keys.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
 
+from vi_seg_jax.backbones._blocks import active_conv_impl, conv_impl
 from vi_seg_jax.bayes.elbo import hard_dice, kl_scale, scaled_data_term
 from vi_seg_jax.bayes.guide import bayesian_paths, sample_kernels, split_params
 from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled
@@ -117,6 +116,23 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
     return new_state, metrics
 
 
+def _conv_impl_for(spec: ModelSpec) -> str:
+    # vmapping over per-particle or per-member kernels turns convs into grouped convs, where
+    # batched GEMMs win (see `conv_impl`); an explicit choice (benchmarks) is kept.
+    vmapped_kernels = spec.method.method == "ensemble" or (
+        spec.method.method == "vi"
+        and spec.method.estimator == "full"
+        and spec.method.num_particles > 1
+    )
+    active = active_conv_impl()
+    return "gemm" if vmapped_kernels and active == "auto" else active
+
+
 def make_train_step(spec: ModelSpec):
     """`train_step` for `spec`, jitted, with the incoming state's buffers donated."""
-    return jax.jit(functools.partial(train_step, spec=spec), donate_argnums=(0,))
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        with conv_impl(_conv_impl_for(spec)):
+            return train_step(state, batch, spec=spec)
+
+    return jax.jit(step, donate_argnums=(0,))
