@@ -21,6 +21,7 @@ from experiments.configs import PRESETS, get_config, with_overrides
 from vi_seg_jax.backbones import BACKBONES
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.loop import TrainingError, train_and_evaluate
+from vi_seg_jax.train.metrics_log import TENSORBOARD_DIR
 from vi_seg_jax.train.state import METHODS
 
 
@@ -105,6 +106,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     add("--seed", type=int, default=0, help="training seed (the data split has its own fixed seed)")
     add("--resume", action="store_true", help="continue from the workdir's last checkpoint")
     add("--no-progress", action="store_true", help="no progress bar")
+    add(
+        "--no-tensorboard",
+        action="store_true",
+        help="no TensorBoard event files (written to WORKDIR/tensorboard when it is installed)",
+    )
     return parser, parser.parse_args(argv)
 
 
@@ -190,13 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         summary = train_and_evaluate(
-            config, workdir, resume=args.resume, progress=not args.no_progress
+            config,
+            workdir,
+            resume=args.resume,
+            progress=not args.no_progress,
+            tensorboard=not args.no_tensorboard,
         )
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(_summary_table(summary))
     print(f"results in {workdir}/ (summary.json, metrics.jsonl, validation.png, checkpoints/)")
+    if (workdir / TENSORBOARD_DIR).is_dir() and not args.no_tensorboard:
+        print(f"curves: tensorboard --logdir {workdir / TENSORBOARD_DIR}")
     return 0
 
 

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vi_seg_jax.data.synthetic import write_dataset
 
@@ -118,6 +119,11 @@ def test_each_backbone_and_method_runs_end_to_end(
     assert (workdir / "validation.png").stat().st_size > 10_000
     assert (workdir / "checkpoints" / "6").is_dir()
     assert "final val Dice" in stdout
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert {"loss", "kl", "dice", "val_dice", "val_iou"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["validation"]
+    assert f"tensorboard --logdir {workdir / 'tensorboard'}" in stdout
 
 
 def _final_params(workdir):

@@ -11,7 +11,8 @@ noise of an uninterrupted run and reaches bitwise the same parameters (on the sa
 and software).
 
 Workdir contents: `config.json`, `splits.json`, `metrics.jsonl` (one JSON object per line,
-each with `step`), `summary.json`, `validation.png`, `checkpoints/`.
+each with `step`), `summary.json`, `validation.png`, `checkpoints/`, and `tensorboard/`
+(event files, when TensorBoard is installed).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from vi_seg_jax.errors import DataError
 from vi_seg_jax.metrics import dice, iou
 from vi_seg_jax.plots import uncertainty_figure
 from vi_seg_jax.train.config import TrainConfig
+from vi_seg_jax.train.metrics_log import MetricsLog, read_records
 from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
 from vi_seg_jax.train.step import make_train_step
 from vi_seg_jax.uncertainty import Predictive, posterior_predictive, sample_fn_for
@@ -125,9 +127,18 @@ def load_data(config: TrainConfig, *, progress: bool = True):
 
 
 def train_and_evaluate(
-    config: TrainConfig, workdir: str | Path, *, resume: bool = False, progress: bool = True
+    config: TrainConfig,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    tensorboard: bool = True,
 ) -> dict[str, Any]:
-    """Trains, validates and checkpoints; returns the summary also written to `summary.json`."""
+    """Trains, validates and checkpoints; returns the summary also written to `summary.json`.
+
+    `tensorboard`: also write TensorBoard event files under `workdir/tensorboard` when
+    TensorBoard is installed.
+    """
     start_time = time.perf_counter()
     workdir = Path(workdir)
     checkpoints = workdir / "checkpoints"
@@ -165,7 +176,6 @@ def train_and_evaluate(
     if resume and manager.latest_step() is not None:
         state, meta = restore_checkpoint(manager, state)
         progress_state = _Progress(**meta["progress"])
-    _truncate_log(workdir / "metrics.jsonl", int(state.step))
 
     train_step = make_train_step(spec)
     validate, predict, samples = _validator(spec, config, validation_cases, eval_key)
@@ -185,7 +195,7 @@ def train_and_evaluate(
         unit="step",
         disable=None if progress else True,
     )
-    with bar, open(workdir / "metrics.jsonl", "a") as log:
+    with bar, MetricsLog(workdir, first_step, tensorboard=tensorboard) as log:
         for step in range(first_step, schedule.steps):
             batch = sampler.batch_at(data_key, step)
             state, metrics = train_step(state, (batch.images, batch.labels))
@@ -198,7 +208,7 @@ def train_and_evaluate(
                         f"(step {manager.latest_step()}) in {checkpoints} is intact — lower "
                         "--learning-rate or raise --kl-warmup-epochs"
                     )
-                _log(log, {"step": done, **values})
+                log.write({"step": done, **values})
                 bar.set_postfix(
                     loss=f"{values['loss']:.3g}",
                     kl=f"{values['kl']:.3g}",
@@ -207,7 +217,7 @@ def train_and_evaluate(
             bar.update(1)
             if done % validate_every == 0 or done == schedule.steps:
                 result = validate(state)
-                _log(log, {"step": done, **result})
+                log.write({"step": done, **result})
                 if result["val_dice"] > progress_state.best_val_dice:
                     progress_state = _Progress(result["val_dice"], done, done)
                 meta = {
@@ -226,22 +236,24 @@ def train_and_evaluate(
                     )
                     break
 
-    final = _last_validation(workdir / "metrics.jsonl")
-    summary = {
-        "backbone": config.backbone.name,
-        "method": config.method.method,
-        "steps": int(state.step),
-        "stopped_early": stopped_early,
-        "final_val_dice": final["val_dice"],
-        "final_val_iou": final["val_iou"],
-        "best_val_dice": progress_state.best_val_dice,
-        "best_step": progress_state.best_step,
-        "wall_seconds": time.perf_counter() - start_time,
-        "num_train_cases": len(train_cases),
-        "num_validation_cases": len(validation_cases),
-    }
-    _write_json(workdir / "summary.json", summary)
-    _figure(workdir / "validation.png", predict(state, 0), validation_cases[0], config, samples)
+        final = [r for r in read_records(log.path) if "val_dice" in r][-1]
+        summary = {
+            "backbone": config.backbone.name,
+            "method": config.method.method,
+            "steps": int(state.step),
+            "stopped_early": stopped_early,
+            "final_val_dice": final["val_dice"],
+            "final_val_iou": final["val_iou"],
+            "best_val_dice": progress_state.best_val_dice,
+            "best_step": progress_state.best_step,
+            "wall_seconds": time.perf_counter() - start_time,
+            "num_train_cases": len(train_cases),
+            "num_validation_cases": len(validation_cases),
+        }
+        _write_json(workdir / "summary.json", summary)
+        figure = workdir / "validation.png"
+        _figure(figure, predict(state, 0), validation_cases[0], config, samples)
+        log.image(int(state.step), "validation", figure)
     return summary
 
 
@@ -343,28 +355,6 @@ def _figure(path: Path, out: Predictive, case: PreparedCase, config: TrainConfig
         epistemic=out.epistemic[..., channel],
         title=f"{case.case_id}: {config.backbone.name}, {config.method.method}, {samples} samples",
     )
-
-
-def _log(handle, record: dict[str, Any]) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drops log lines written after `step` (by a run killed after its last checkpoint)."""
-    if not path.exists():
-        return
-    lines = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
-def _last_validation(path: Path) -> dict[str, float]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if "val_dice" in line]
-    return records[-1]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
