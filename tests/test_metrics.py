@@ -1,7 +1,23 @@
+import math
+
 import numpy as np
 import pytest
+from scipy import ndimage
+from scipy.spatial.distance import cdist
 
-from vi_seg_jax.metrics import dice, iou
+from vi_seg_jax import metrics
+from vi_seg_jax.metrics import (
+    HD95_CAP,
+    brier_score,
+    calibration_bins,
+    dice,
+    expected_calibration_error,
+    hd95,
+    iou,
+    negative_log_likelihood,
+    qubrats,
+    surface,
+)
 
 
 def test_dice_and_iou_match_set_formulas_on_random_masks():
@@ -25,3 +41,255 @@ def test_empty_conventions():
     assert dice(empty, full) == 0.0 and iou(empty, full) == 0.0
     with pytest.raises(ValueError, match="differs from truth"):
         dice(empty, np.zeros((2, 3), bool))
+
+
+# --- HD95 --------------------------------------------------------------------------------------
+
+
+def _reference_surface(mask):
+    """Voxels of mask with a face neighbour outside the mask or the array, by explicit shifts."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = tuple(slice(1, -1) for _ in range(mask.ndim))
+    all_neighbours_inside = np.ones(mask.shape, bool)
+    for axis in range(mask.ndim):
+        for step in (-1, 1):
+            all_neighbours_inside &= np.roll(padded, step, axis=axis)[inner]
+    return mask & ~all_neighbours_inside
+
+
+def _reference_hd95(a, b, spacing):
+    """MedPy's hd95 by brute force: all pairwise distances between the two surfaces."""
+    points_a = np.argwhere(_reference_surface(a)) * np.asarray(spacing)
+    points_b = np.argwhere(_reference_surface(b)) * np.asarray(spacing)
+    pairwise = cdist(points_a, points_b)
+    return np.percentile(np.hstack([pairwise.min(axis=1), pairwise.min(axis=0)]), 95)
+
+
+def test_surface_is_mask_minus_face_erosion():
+    cube = np.zeros((5, 5, 5), bool)
+    cube[1:4, 1:4, 1:4] = True
+    expected = cube.copy()
+    expected[2, 2, 2] = False
+    assert np.array_equal(surface(cube), expected)
+    # On the array edge every mask voxel is surface.
+    assert surface(np.ones((3, 3), bool)).sum() == 8
+
+
+def test_hd95_matches_brute_force_on_random_3d_masks_with_anisotropic_spacing():
+    rng = np.random.default_rng(1)
+    spacing = (1.0, 0.7, 2.5)
+    for _ in range(15):
+        a = ndimage.binary_dilation(rng.random((9, 8, 7)) > 0.9)
+        b = ndimage.binary_dilation(rng.random((9, 8, 7)) > 0.9)
+        if not (a.any() and b.any()):
+            continue
+        assert hd95(a, b, spacing) == pytest.approx(_reference_hd95(a, b, spacing))
+        assert hd95(a, b, spacing) == pytest.approx(hd95(b, a, spacing))
+
+
+def test_hd95_matches_brute_force_in_2d():
+    rng = np.random.default_rng(2)
+    a, b = rng.random((12, 10)) > 0.7, rng.random((12, 10)) > 0.6
+    assert hd95(a, b, (0.5, 1.5)) == pytest.approx(_reference_hd95(a, b, (0.5, 1.5)))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_hd95_of_plates_shifted_by_k_voxels_is_k_times_spacing(k):
+    # Every voxel of a one-voxel-thick plate is at distance exactly k·s_x from the other plate.
+    spacing = (1.3, 0.8, 2.0)
+    a = np.zeros((10, 6, 5), bool)
+    b = np.zeros_like(a)
+    a[2], b[2 + k] = True, True
+    assert hd95(a, b, spacing) == pytest.approx(k * spacing[0])
+
+
+def test_hd95_of_identical_masks_is_zero_and_empty_conventions():
+    rng = np.random.default_rng(3)
+    a = rng.random((6, 6, 6)) > 0.5
+    empty = np.zeros_like(a)
+    assert hd95(a, a) == 0.0
+    assert hd95(empty, empty) == 0.0
+    assert hd95(a, empty) == HD95_CAP and hd95(empty, a) == HD95_CAP
+    assert hd95(a, empty, cap=50.0) == 50.0
+    assert HD95_CAP == pytest.approx(np.sqrt(240**2 + 240**2 + 155**2), abs=0.005)
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(a, a, spacing=(1.0, 1.0))
+    with pytest.raises(ValueError, match="differs from truth"):
+        hd95(a, a[:-1])
+
+
+# --- Calibration -------------------------------------------------------------------------------
+
+
+def _reference_calibration(p, y, num_bins):
+    """(counts, confidence, accuracy, ECE) by a Python loop over voxels and bins."""
+    edges = np.linspace(0, 1, num_bins + 1)
+    members = [[] for _ in range(num_bins)]
+    for p_i, y_i in zip(p.ravel().tolist(), y.ravel().tolist(), strict=True):
+        b = next(b for b in range(num_bins) if p_i < edges[b + 1] or b == num_bins - 1)
+        members[b].append((p_i, y_i))
+    counts = [len(m) for m in members]
+    confidence = [sum(p_i for p_i, _ in m) / len(m) if m else np.nan for m in members]
+    accuracy = [sum(y_i for _, y_i in m) / len(m) if m else np.nan for m in members]
+    ece = sum(
+        n / p.size * abs(a - c) for n, a, c in zip(counts, accuracy, confidence, strict=True) if n
+    )
+    return np.array(counts), np.array(confidence), np.array(accuracy), ece
+
+
+def test_calibration_matches_voxel_loops_with_a_mask():
+    rng = np.random.default_rng(4)
+    p = rng.random((7, 8, 9)).astype(np.float32) ** 2
+    p[0, 0, :3] = [0.0, 1.0, 0.2]  # the edges of the [0, 1] range fall into the end bins
+    y = rng.random(p.shape) < p
+    brain = rng.random(p.shape) > 0.3
+    p_in, y_in = p[brain].astype(np.float64), y[brain]
+    counts, confidence, accuracy, ece = _reference_calibration(p_in, y_in, 10)
+    bins = calibration_bins(p, y, brain, num_bins=10)
+    assert np.array_equal(bins.counts, counts)
+    np.testing.assert_allclose(bins.confidence, confidence, equal_nan=True)
+    np.testing.assert_allclose(bins.accuracy, accuracy, equal_nan=True)
+    assert expected_calibration_error(p, y, brain, num_bins=10) == pytest.approx(ece)
+    brier = sum((p_i - y_i) ** 2 for p_i, y_i in zip(p_in, y_in, strict=True)) / p_in.size
+    assert brier_score(p, y, brain) == pytest.approx(brier)
+    nll = -sum(
+        y_i * math.log(min(max(p_i, 1e-7), 1 - 1e-7))
+        + (1 - y_i) * math.log(1 - min(max(p_i, 1e-7), 1 - 1e-7))
+        for p_i, y_i in zip(p_in.tolist(), y_in.tolist(), strict=True)
+    )
+    assert negative_log_likelihood(p, y, brain) == pytest.approx(nll / p_in.size)
+
+
+def test_calibration_streams_chunks_like_one_pass(monkeypatch):
+    rng = np.random.default_rng(5)
+    p = rng.random((20, 30))
+    y = rng.random(p.shape) < 0.3
+    whole = calibration_bins(p, y), brier_score(p, y), negative_log_likelihood(p, y)
+    monkeypatch.setattr(metrics, "_CHUNK", 7)  # many ragged chunks
+    chunked = calibration_bins(p, y), brier_score(p, y), negative_log_likelihood(p, y)
+    np.testing.assert_allclose(chunked[0].counts, whole[0].counts)
+    np.testing.assert_allclose(chunked[0].accuracy, whole[0].accuracy, equal_nan=True)
+    np.testing.assert_allclose(chunked[0].confidence, whole[0].confidence, equal_nan=True)
+    assert chunked[1:] == pytest.approx(whole[1:])
+
+
+def test_perfectly_calibrated_data_has_zero_ece():
+    # In each bin a constant p = c with exactly a fraction c of positives.
+    p = np.repeat([0.05, 0.25, 0.5, 0.75, 0.95], 20)
+    y = np.concatenate([np.arange(20) < 20 * c for c in (0.05, 0.25, 0.5, 0.75, 0.95)])
+    assert expected_calibration_error(p, y, num_bins=10) == pytest.approx(0.0, abs=1e-12)
+    # Confident and wrong everywhere: ECE 1, Brier 1.
+    assert expected_calibration_error(np.ones(4), np.zeros(4, bool)) == pytest.approx(1.0)
+    assert brier_score(np.ones(4), np.zeros(4, bool)) == 1.0
+
+
+def test_nll_closed_forms():
+    y = np.array([True, False, True, False])
+    assert negative_log_likelihood(np.full(4, 0.5), y) == pytest.approx(math.log(2))
+    assert negative_log_likelihood(np.array([0.8, 0.2, 0.8, 0.2]), y) == pytest.approx(
+        -math.log(0.8)
+    )
+    # Certain and right costs log(1/(1 − ε)) ≈ ε; certain and wrong costs −log ε.
+    assert negative_log_likelihood(y.astype(float), y) == pytest.approx(1e-7, rel=1e-3)
+    assert negative_log_likelihood(1.0 - y, y, eps=1e-3) == pytest.approx(-math.log(1e-3))
+    assert brier_score(np.full(4, 0.5), y) == 0.25
+
+
+def test_calibration_rejects_bad_inputs():
+    p, y = np.full(3, 0.5), np.zeros(3, bool)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        brier_score(np.array([0.5, 1.5, np.nan]), y)
+    with pytest.raises(ValueError, match="differs from truth"):
+        calibration_bins(p, y[:2])
+    with pytest.raises(ValueError, match="mask shape"):
+        negative_log_likelihood(p, y, mask=np.ones(2, bool))
+    with pytest.raises(ValueError, match="no voxels"):
+        expected_calibration_error(p, y, mask=np.zeros(3, bool))
+
+
+# --- QU-BraTS ----------------------------------------------------------------------------------
+
+
+def _reference_qubrats(prediction, truth, uncertainty, brain, num_thresholds):
+    """QU-BraTS recomputed from scratch at each threshold, AUCs by explicit trapezoids."""
+    thresholds = np.linspace(100, 0, num_thresholds)
+    tp_all = np.count_nonzero(prediction & truth)
+    tn_all = np.count_nonzero(~prediction & ~truth & brain)
+    dice_curve, ftp, ftn = [], [], []
+    for tau in thresholds:
+        keep = uncertainty <= tau
+        dice_curve.append(dice(prediction[keep], truth[keep]))
+        tp_kept = np.count_nonzero(prediction[keep] & truth[keep])
+        tn_kept = np.count_nonzero(~prediction[keep] & ~truth[keep] & brain[keep])
+        ftp.append((tp_all - tp_kept) / tp_all if tp_all else 0.0)
+        ftn.append((tn_all - tn_kept) / tn_all if tn_all else 0.0)
+
+    def auc(curve):
+        x = thresholds / 100
+        return sum((x[i] - x[i + 1]) * (curve[i] + curve[i + 1]) / 2 for i in range(len(x) - 1))
+
+    score = (auc(dice_curve) + (1 - auc(ftp)) + (1 - auc(ftn))) / 3
+    return dice_curve, ftp, ftn, auc(dice_curve), auc(ftp), auc(ftn), score
+
+
+def _segmentation_case(rng, shape=(10, 11, 9)):
+    truth = ndimage.binary_dilation(rng.random(shape) > 0.95, iterations=2)
+    prediction = truth ^ (rng.random(shape) > 0.85)
+    brain = np.zeros(shape, bool)
+    brain[1:-1, 1:-1, 1:-1] = True
+    return prediction, truth, brain
+
+
+@pytest.mark.parametrize("num_thresholds", [40, 7])
+def test_qubrats_matches_per_threshold_recomputation(num_thresholds):
+    rng = np.random.default_rng(6)
+    prediction, truth, brain = _segmentation_case(rng)
+    # Integer values, some exactly on a threshold (0, 100, 50 for T = 7): τ must keep u = τ.
+    uncertainty = np.round(rng.random(truth.shape) * 100)
+    got = qubrats(prediction, truth, uncertainty, brain, num_thresholds)
+    want = _reference_qubrats(prediction, truth, uncertainty, brain, num_thresholds)
+    np.testing.assert_allclose(got.thresholds, np.linspace(100, 0, num_thresholds))
+    for got_value, want_value in zip(got[1:], want, strict=True):
+        np.testing.assert_allclose(got_value, want_value, rtol=1e-12, atol=1e-12)
+    assert got.dice[0] == pytest.approx(dice(prediction, truth))
+    assert got.ftp[0] == 0.0 and got.ftn[0] == 0.0
+
+
+def test_perfect_uncertainty_beats_random_uncertainty():
+    rng = np.random.default_rng(7)
+    prediction, truth, brain = _segmentation_case(rng)
+    perfect = np.where(prediction != truth, 100.0, 0.0)
+    best = qubrats(prediction, truth, perfect, brain)
+    # Below τ = 100 the errors are gone and nothing correct was filtered.
+    assert np.all(best.dice[1:] == 1.0) and np.all(best.ftp == 0) and np.all(best.ftn == 0)
+    random = qubrats(prediction, truth, rng.random(truth.shape) * 100, brain)
+    assert best.score > random.score + 0.1
+
+
+def test_qubrats_closed_forms():
+    rng = np.random.default_rng(8)
+    prediction, truth, brain = _segmentation_case(rng)
+    plain = dice(prediction, truth)
+    # Uncertainty 0 is never above a threshold ≥ 0: nothing is filtered anywhere.
+    certain = qubrats(prediction, truth, np.zeros(truth.shape), brain)
+    assert np.allclose(certain.dice, plain) and not certain.ftp.any() and not certain.ftn.any()
+    assert certain.score == pytest.approx((plain + 2) / 3)
+    # Uncertainty 100 is filtered at every τ < 100: Dice 1 (nothing left), FTP = FTN = 1,
+    # so each curve is 1 except at the last of the T − 1 trapezoid steps.
+    step = 1 / 39
+    unsure = qubrats(prediction, truth, np.full(truth.shape, 100.0), brain)
+    assert unsure.dice_auc == pytest.approx(1 - step + step * (1 + plain) / 2)
+    assert unsure.ftp_auc == pytest.approx(1 - step / 2) == unsure.ftn_auc
+    # No true positives: FTP is 0 by convention.
+    no_tp = qubrats(np.zeros_like(truth), truth, rng.random(truth.shape) * 100, brain)
+    assert not no_tp.ftp.any() and no_tp.ftp_auc == 0.0
+
+
+def test_qubrats_rejects_bad_inputs():
+    prediction = truth = np.zeros((3, 3), bool)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        qubrats(prediction, truth, np.full((3, 3), 101.0))
+    with pytest.raises(ValueError, match="uncertainty shape"):
+        qubrats(prediction, truth, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="at least 2"):
+        qubrats(prediction, truth, np.zeros((3, 3)), num_thresholds=1)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from vi_seg_jax.metrics import CalibrationBins, QUBraTS, bins_ece
+
 
 def tumour_slice(mask: np.ndarray) -> int:
     """Axial index with the most foreground (the middle slice when there is none)."""
@@ -61,3 +63,161 @@ def uncertainty_figure(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _save(figure: plt.Figure, path: str | Path) -> Path:
+    """Writes a figure to a PNG, creating the folder, and closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _check_bins(name: str, bins: CalibrationBins) -> None:
+    """Rejects bins whose arrays do not describe the same B bins."""
+    num_bins = len(bins.counts)
+    if len(bins.edges) != num_bins + 1 or not (
+        len(bins.confidence) == len(bins.accuracy) == num_bins
+    ):
+        raise ValueError(f"bins {name!r}: edges, counts, confidence and accuracy disagree on B")
+
+
+def reliability_figure(
+    path: str | Path, bins_by_name: dict[str, CalibrationBins], title: str = ""
+) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin, one line per entry.
+
+    The diagonal is perfect calibration; each legend entry carries its ECE. Below, the voxel
+    count per bin (log scale, since brain voxels pile up near p = 0).
+
+    Args:
+      path: PNG to write.
+      bins_by_name: e.g. {"wt before": ..., "wt after": ...} from ``calibration_bins``.
+      title: figure title.
+    """
+    if not bins_by_name:
+        raise ValueError("bins_by_name is empty")
+    for name, bins in bins_by_name.items():
+        _check_bins(name, bins)
+    figure, (curve_axis, count_axis) = plt.subplots(
+        2, 1, figsize=(5.0, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    curve_axis.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect")
+    for name, bins in bins_by_name.items():
+        nonempty = bins.counts > 0
+        label = f"{name} (ECE {bins_ece(bins):.4f})"
+        curve_axis.plot(bins.confidence[nonempty], bins.accuracy[nonempty], marker="o", label=label)
+        # Empty bins are drawn at 1 so that the log axis has no zeros to hide.
+        count_axis.stairs(np.maximum(bins.counts, 1), bins.edges, label=name)
+    curve_axis.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy (fraction positive)")
+    curve_axis.legend(loc="upper left", fontsize="small")
+    count_axis.set_yscale("log")
+    count_axis.set(xlabel="confidence (positive-class probability)", ylabel="voxels")
+    figure.suptitle(title or "reliability")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def qubrats_figure(path: str | Path, curves_by_region: dict[str, QUBraTS], title: str = "") -> Path:
+    """QU-BraTS filtering curves: Dice, FTP and FTN against the threshold τ, one line per region.
+
+    Each legend entry carries the curve's AUC (over τ / 100); the title carries the scores.
+
+    Args:
+      path: PNG to write.
+      curves_by_region: e.g. {"wt": ..., "tc": ..., "et": ...} from ``qubrats``.
+      title: figure title.
+    """
+    if not curves_by_region:
+        raise ValueError("curves_by_region is empty")
+    for region, curves in curves_by_region.items():
+        if not len(curves.thresholds) == len(curves.dice) == len(curves.ftp) == len(curves.ftn):
+            raise ValueError(f"region {region!r}: thresholds and curves differ in length")
+    panels = [("Dice", "dice", "dice_auc"), ("FTP", "ftp", "ftp_auc"), ("FTN", "ftn", "ftn_auc")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(13.0, 4.0))
+    for axis, (label, curve_field, auc_field) in zip(axes, panels, strict=True):
+        for region, curves in curves_by_region.items():
+            auc = getattr(curves, auc_field)
+            axis.plot(
+                curves.thresholds, getattr(curves, curve_field), label=f"{region} (AUC {auc:.3f})"
+            )
+        # τ decreases from left to right, the order in which filtering removes voxels.
+        axis.set(xlim=(100, 0), ylim=(-0.02, 1.02), xlabel="uncertainty threshold τ", title=label)
+        axis.legend(fontsize="small")
+    scores = ", ".join(f"{region} {c.score:.3f}" for region, c in curves_by_region.items())
+    figure.suptitle(f"{title}: QU-BraTS score {scores}" if title else f"QU-BraTS score {scores}")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def tumour_centre(mask: np.ndarray) -> tuple[int, ...]:
+    """Voxel at the foreground's centre of mass (the volume's centre when empty)."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return tuple(s // 2 for s in mask.shape)
+    return tuple(int(c) for c in np.rint(np.argwhere(mask).mean(axis=0)))
+
+
+def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """One slice in radiological display orientation (superior / anterior up)."""
+    return np.rot90(np.take(np.asarray(volume, np.float32), index, axis=axis))
+
+
+def overview_figure(
+    path: str | Path,
+    *,
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    prediction: np.ndarray,
+    aleatoric: np.ndarray,
+    epistemic: np.ndarray,
+    title: str = "",
+) -> Path:
+    """Axial, coronal and sagittal slices through the tumour: one row per view.
+
+    Columns: input, ground truth (when given), prediction, aleatoric and epistemic maps
+    (shared colour scale per map across the views).
+
+    Args:
+      path: PNG to write.
+      image: [X, Y, Z] one modality; truth: [X, Y, Z] bool or None; prediction: [X, Y, Z]
+        bool; aleatoric, epistemic: [X, Y, Z].
+      title: figure title.
+    """
+    shapes = {np.shape(a) for a in (image, prediction, aleatoric, epistemic)}
+    if truth is not None:
+        shapes.add(np.shape(truth))
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"overview maps must share one 3D shape, got {sorted(shapes)}")
+    centre = tumour_centre(truth if truth is not None and np.any(truth) else prediction)
+    columns = [("input", image, "gray", None)]
+    if truth is not None:
+        columns.append(("ground truth", truth, "gray", (0, 1)))
+    columns.append(("prediction", prediction, "gray", (0, 1)))
+    for name, volume in (("aleatoric", aleatoric), ("epistemic", epistemic)):
+        columns.append((name, volume, "magma", (0.0, max(float(np.max(volume)), 1e-6))))
+    views = (("axial", 2), ("coronal", 1), ("sagittal", 0))
+    figure, axes = plt.subplots(
+        len(views),
+        len(columns),
+        figsize=(2.8 * len(columns), 2.8 * len(views)),
+        squeeze=False,
+        layout="constrained",
+    )
+    for row, (view, axis_index) in enumerate(views):
+        for col, (name, volume, cmap, limits) in enumerate(columns):
+            axis = axes[row, col]
+            axis.set_axis_off()
+            vmin, vmax = limits if limits else (None, None)
+            shown = axis.imshow(
+                _view(volume, axis_index, centre[axis_index]), cmap=cmap, vmin=vmin, vmax=vmax
+            )
+            if row == 0:
+                axis.set_title(name)
+            if col == 0:
+                axis.text(-0.08, 0.5, view, rotation=90, va="center", transform=axis.transAxes)
+            if cmap == "magma" and row == len(views) - 1:
+                figure.colorbar(shown, ax=axes[:, col].tolist(), shrink=0.6)
+    figure.suptitle(f"{title} (through voxel {centre})" if title else f"through voxel {centre}")
+    return _save(figure, path)

@@ -78,6 +78,45 @@ def summarize(sums: PredictiveSums, task: Task) -> Predictive:
     )
 
 
+def empty_sums(sample_fn: SampleFn, images: jax.Array, key: jax.Array) -> PredictiveSums:
+    """Zero running sums shaped like one sample's output on `images`."""
+    shape = jax.eval_shape(lambda: sample_fn(jnp.zeros((), jnp.int32), key, images)).shape
+    zeros = jnp.zeros(shape, jnp.float32)
+    return PredictiveSums(jnp.zeros((), jnp.float32), zeros, zeros, zeros[..., 0])
+
+
+def add_samples(
+    sums: PredictiveSums,
+    sample_fn: SampleFn,
+    images: jax.Array,
+    key: jax.Array,
+    chunk: jax.Array,
+    *,
+    chunk_size: int,
+    num_samples: int,
+    task: Task,
+) -> PredictiveSums:
+    """Adds samples `chunk * chunk_size ...` (those below `num_samples`) to the sums."""
+    indices = chunk * chunk_size + jnp.arange(chunk_size)
+    valid = (indices < num_samples).astype(jnp.float32)
+    one = lambda t: sample_fn(t, jax.random.fold_in(key, t), images)  # noqa: E731
+    # A chunk of one skips vmap: vmapped per-sample kernels make grouped convolutions.
+    probs = one(indices[0])[None] if chunk_size == 1 else jax.vmap(one)(indices)
+    weight = valid.reshape((-1,) + (1,) * (probs.ndim - 1))
+    return PredictiveSums(
+        count=sums.count + jnp.sum(valid),
+        p=sums.p + jnp.sum(weight * probs, axis=0),
+        p_squared=sums.p_squared + jnp.sum(weight * jnp.square(probs), axis=0),
+        entropy=sums.entropy + jnp.sum(weight[..., 0] * entropy(probs, task), axis=0),
+    )
+
+
+def num_chunks(num_samples: int, chunk_size: int) -> int:
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError("num_samples and chunk_size must be >= 1")
+    return -(-num_samples // chunk_size)
+
+
 def posterior_predictive(
     sample_fn: SampleFn,
     images: jax.Array,
@@ -91,7 +130,7 @@ def posterior_predictive(
 
     Args:
       sample_fn: `(index, key, images) -> probabilities` of one posterior sample.
-      images: [B, *S, C].
+      images: [B, *S, C] (or one volume, for `inference.volume_sample_fn`).
       key: fixes every sample (sample t uses `fold_in(key, t)`).
       num_samples: T.
       chunk_size: samples evaluated together (vmapped); memory grows with it, not T.
@@ -100,29 +139,22 @@ def posterior_predictive(
     Returns:
       The per-voxel predictive outputs.
     """
-    if num_samples < 1 or chunk_size < 1:
-        raise ValueError("num_samples and chunk_size must be >= 1")
-    num_chunks = -(-num_samples // chunk_size)
 
     def add_chunk(sums: PredictiveSums, chunk: jax.Array) -> tuple[PredictiveSums, None]:
-        indices = chunk * chunk_size + jnp.arange(chunk_size)
-        valid = (indices < num_samples).astype(jnp.float32)
-        probs = jax.vmap(lambda t: sample_fn(t, jax.random.fold_in(key, t), images))(indices)
-        weight = valid.reshape((-1,) + (1,) * (probs.ndim - 1))
-        return (
-            PredictiveSums(
-                count=sums.count + jnp.sum(valid),
-                p=sums.p + jnp.sum(weight * probs, axis=0),
-                p_squared=sums.p_squared + jnp.sum(weight * jnp.square(probs), axis=0),
-                entropy=sums.entropy + jnp.sum(weight[..., 0] * entropy(probs, task), axis=0),
-            ),
-            None,
+        sums = add_samples(
+            sums,
+            sample_fn,
+            images,
+            key,
+            chunk,
+            chunk_size=chunk_size,
+            num_samples=num_samples,
+            task=task,
         )
+        return sums, None
 
-    shape = jax.eval_shape(lambda: sample_fn(jnp.zeros((), jnp.int32), key, images)).shape
-    zeros = jnp.zeros(shape, jnp.float32)
-    initial = PredictiveSums(jnp.zeros((), jnp.float32), zeros, zeros, zeros[..., 0])
-    sums, _ = jax.lax.scan(add_chunk, initial, jnp.arange(num_chunks))
+    chunks = jnp.arange(num_chunks(num_samples, chunk_size))
+    sums, _ = jax.lax.scan(add_chunk, empty_sums(sample_fn, images, key), chunks)
     return summarize(sums, task)
 
 

@@ -42,6 +42,7 @@ class NiftiHeaderInfo:
     shape: tuple[int, ...]
     affine: np.ndarray  # [4, 4] float64, voxel index -> scanner mm
     zooms: tuple[float, ...]
+    header: nib.Nifti1Header | None = None  # to copy into outputs on the same grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,7 @@ def read_nifti_header(path: str | os.PathLike) -> NiftiHeaderInfo:
         shape=tuple(int(s) for s in image.shape),
         affine=np.asarray(image.affine, dtype=np.float64),
         zooms=tuple(float(z) for z in image.header.get_zooms()),
+        header=image.header,
     )
 
 

@@ -11,7 +11,8 @@ noise of an uninterrupted run and reaches bitwise the same parameters (on the sa
 and software).
 
 Workdir contents: `config.json`, `splits.json`, `metrics.jsonl` (one JSON object per line,
-each with `step`), `summary.json`, `validation.png`, `checkpoints/`, and `tensorboard/`
+each with `step`), `summary.json`, `validation.png`, `checkpoints/`, `calibration.json`
+(per-region temperatures fitted on the validation cases for the best checkpoint) and `tensorboard/`
 (event files, when TensorBoard is installed).
 """
 
@@ -31,6 +32,14 @@ from tqdm.auto import tqdm
 from vi_seg_jax.backbones import get_backbone
 from vi_seg_jax.bayes.elbo import ObjectiveConfig, num_data_for_patches
 from vi_seg_jax.bayes.priors import NormalPrior
+from vi_seg_jax.calibration import (
+    CALIBRATION_FILE,
+    apply_temperature,
+    fit_region_temperatures,
+    region_names,
+    region_probabilities,
+    region_truth,
+)
 from vi_seg_jax.checkpoint import checkpoint_manager, read_meta, restore_checkpoint, save_checkpoint
 from vi_seg_jax.data.cache import PreparedCase, prepare_dataset
 from vi_seg_jax.data.default import ensure_default_dataset
@@ -39,7 +48,7 @@ from vi_seg_jax.data.preprocess import PreprocessConfig
 from vi_seg_jax.data.sampler import PatchSampler
 from vi_seg_jax.data.splits import make_splits
 from vi_seg_jax.errors import DataError
-from vi_seg_jax.metrics import dice, iou
+from vi_seg_jax.metrics import dice, expected_calibration_error, iou
 from vi_seg_jax.plots import uncertainty_figure
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.metrics_log import MetricsLog, read_records
@@ -85,6 +94,16 @@ def backbone_multiple(config: TrainConfig) -> int:
     return 2 ** get_backbone(config.backbone.name, num_classes=2, **config.backbone.kwargs()).depth
 
 
+def preprocess_config_for(config: TrainConfig) -> PreprocessConfig:
+    """How a run's cases are preprocessed (training, validation and prediction alike)."""
+    patch = tuple(config.data.patch_shape)
+    return PreprocessConfig(
+        normalization=config.data.normalization,
+        multiple=backbone_multiple(config),
+        min_shape=patch if len(patch) == 3 else (*patch, 1),
+    )
+
+
 def load_data(config: TrainConfig, *, progress: bool = True):
     """Discovers, splits and prepares the cases. Returns (splits, train cases, val cases)."""
     data_dir = config.data.data_dir or ensure_default_dataset(progress=progress)
@@ -105,13 +124,7 @@ def load_data(config: TrainConfig, *, progress: bool = True):
         train_sizes=(train_size,),
         repeats=1,
     )
-    patch = tuple(config.data.patch_shape)
-    min_shape = patch if len(patch) == 3 else (*patch, 1)
-    preprocess_config = PreprocessConfig(
-        normalization=config.data.normalization,
-        multiple=backbone_multiple(config),
-        min_shape=min_shape,
-    )
+    preprocess_config = preprocess_config_for(config)
     by_id = {case.case_id: case for case in dataset.cases}
     wanted = set(splits.train[(train_size, 0)]) | set(splits.validation)
     subset = dataclasses.replace(dataset, cases=tuple(by_id[c] for c in sorted(wanted)))
@@ -250,11 +263,41 @@ def train_and_evaluate(
             "num_train_cases": len(train_cases),
             "num_validation_cases": len(validation_cases),
         }
+        best_state = state
+        if 0 < progress_state.best_step != int(state.step):
+            best_state, _ = restore_checkpoint(manager, state, progress_state.best_step)
+        calibration = _calibrate(best_state, predict, validation_cases, config.likelihood.task)
+        _write_json(workdir / CALIBRATION_FILE, {"step": int(best_state.step), **calibration})
+        summary["temperature"] = calibration["temperature"]
+        summary["val_ece_before_calibration"] = calibration["ece_before"]
+        summary["val_ece_after_calibration"] = calibration["ece_after"]
         _write_json(workdir / "summary.json", summary)
         figure = workdir / "validation.png"
         _figure(figure, predict(state, 0), validation_cases[0], config, samples)
         log.image(int(state.step), "validation", figure)
     return summary
+
+
+def _calibrate(state, predict, cases: list[PreparedCase], task: str) -> dict[str, Any]:
+    """Per-region temperatures fitted on the validation cases, with ECE before and after."""
+    names = region_names(task)
+    probs = [region_probabilities(predict(state, i).mean, task) for i in range(len(cases))]
+    truths = [region_truth(np.asarray(case.label), task) for case in cases]
+    masks = [np.asarray(case.mask) for case in cases]
+    temperature = fit_region_temperatures(probs, truths, masks, task)
+    t = np.array([temperature[r] for r in names])
+
+    def pooled_ece(region: int, calibrated: bool) -> float:
+        p = np.concatenate([q[..., region][m] for q, m in zip(probs, masks, strict=True)])
+        y = np.concatenate([q[..., region][m] for q, m in zip(truths, masks, strict=True)])
+        p = apply_temperature(p, t[region]) if calibrated else p
+        return expected_calibration_error(p, y)
+
+    return {
+        "temperature": temperature,
+        "ece_before": {r: pooled_ece(i, False) for i, r in enumerate(names)},
+        "ece_after": {r: pooled_ece(i, True) for i, r in enumerate(names)},
+    }
 
 
 def _check_same_run(saved: dict, config: TrainConfig, checkpoints: Path) -> None:
