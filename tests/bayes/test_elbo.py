@@ -17,6 +17,7 @@ from vi_seg_jax.bayes.elbo import (
     kl_scale,
     num_data_for_patches,
     scaled_data_term,
+    targets,
 )
 from vi_seg_jax.bayes.guide import (
     GuideConfig,
@@ -195,6 +196,20 @@ def test_dice_term_of_a_perfect_prediction_is_near_zero():
         float(data_term(region_logits, labels, LikelihoodConfig(task="regions", ce_weight=0.0))[0])
         < 1e-4
     )
+
+
+def test_region_dice_is_the_mean_binary_soft_dice_and_compiles():
+    labels = jax.random.randint(jax.random.key(0), (2, 4, 4), 0, 4).astype(jnp.uint8)
+    logits = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+    config = LikelihoodConfig(task="regions", ce_weight=0.0, dice_weight=1.0, dice_smooth=1e-6)
+    # Reference: per example and region, 1 − 2Σpy / (Σp + Σy) of the foreground.
+    p = np.asarray(jax.nn.sigmoid(logits), np.float64)
+    y = np.asarray(targets(labels, "regions"), np.float64)
+    expected = np.mean(
+        1 - 2 * (p * y).sum((1, 2)) / (p.sum((1, 2)) + y.sum((1, 2)) + 1e-6), axis=-1
+    )
+    jitted = jax.jit(data_term, static_argnums=2)
+    np.testing.assert_allclose(jitted(logits, labels, config), expected, rtol=1e-4)
 
 
 def test_bad_likelihood_settings_are_refused():

@@ -107,13 +107,13 @@ def data_term(logits: jax.Array, labels: jax.Array, config: LikelihoodConfig) ->
         )
     else:
         ce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target), axis=-1)
-        # Each region is a binary problem: (background, region) probabilities per voxel.
-        region_probs = jax.nn.sigmoid(logits)
+        # Each region is a binary problem: softmax([0, z]) = (1 − σ(z), σ(z)) per voxel.
+        # (optax's apply_softmax=False path checks its input with Python control flow,
+        # which fails under jit.)
         per_region = optax.losses.dice_loss(
-            jnp.stack([1.0 - region_probs, region_probs], axis=-1),
-            jax.nn.one_hot(target.astype(jnp.int32), 2),
+            jnp.stack([jnp.zeros_like(logits), logits], axis=-1),
+            jax.nn.one_hot(target.astype(jnp.int32), 2, dtype=logits.dtype),
             smooth=config.dice_smooth,
-            apply_softmax=False,
             ignore_background=True,
             axis=spatial,
         )

@@ -1,0 +1,201 @@
+"""predict → evaluate end to end on tiny trained runs, and their one-line errors."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import evaluate, predict, train
+from vi_seg_jax.data.conventions import MODALITIES
+from vi_seg_jax.data.synthetic import write_dataset
+from vi_seg_jax.evaluation import METRICS
+from vi_seg_jax.io.nifti import read_nifti
+
+TINY = [
+    "--features", "4", "8", "8", "16",
+    "--patch", "16", "16", "16",
+    "--batch-size", "2",
+    "--test-size", "1",
+    "--validation-size", "1",
+    "--train-size", "2",
+    "--steps-per-epoch", "2",
+    "--steps", "4",
+    "--validation-samples", "2",
+    "--no-progress",
+    "--no-tensorboard",
+]  # fmt: skip
+
+
+def _trained(tmp_path_factory, layout, task):
+    root = tmp_path_factory.mktemp(f"{layout}-{task}")
+    data = root / "data"
+    write_dataset(data, num_cases=4, layout=layout, shape=(32, 32, 24), seed=4)
+    workdir = root / "run"
+    with jax.numpy_dtype_promotion("standard"):
+        argv = ["--data-dir", str(data), "--workdir", str(workdir), "--task", task, *TINY]
+        assert train.main(argv) == 0
+    return data, workdir
+
+
+@pytest.fixture(scope="module")
+def wt_run(tmp_path_factory):
+    return _trained(tmp_path_factory, "brats2021", "wt")
+
+
+@pytest.fixture(scope="module")
+def regions_run(tmp_path_factory):
+    return _trained(tmp_path_factory, "brats2023", "regions")
+
+
+def _predict(workdir, data, out, *extra):
+    argv = ["--checkpoint", str(workdir), "--input", str(data), "--out", str(out)]
+    return predict.main([*argv, "--samples", "2", "--window", "16", "--no-progress", *extra])
+
+
+def _binary_entropy_percent(p):
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+    return 100 * -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def _check_case_files(out, data, case_id, regions):
+    source = read_nifti(next(p for p in data.rglob("*.nii.gz") if case_id in p.name))
+    seg = read_nifti(out / f"{case_id}_seg.nii.gz")
+    assert seg.data.shape == source.data.shape[:3]
+    np.testing.assert_allclose(seg.affine, source.affine)
+    prob = read_nifti(out / f"{case_id}_prob.nii.gz").data.reshape(*seg.data.shape, -1)
+    assert prob.shape[-1] == len(regions) and prob.min() >= 0 and prob.max() <= 1
+    for r, region in enumerate(regions):
+        unc = read_nifti(out / f"{case_id}_unc_{region}.nii.gz")
+        # QU-BraTS format: integers 0..100 on the source grid, with the source affine.
+        assert unc.header.get_data_dtype() == np.uint8 and unc.data.shape == seg.data.shape
+        assert unc.data.min() >= 0 and unc.data.max() <= 100
+        np.testing.assert_array_equal(unc.data, np.rint(unc.data))
+        np.testing.assert_allclose(unc.affine, source.affine)
+        np.testing.assert_allclose(unc.data, _binary_entropy_percent(prob[..., r]), atol=0.51)
+    for name in ("aleatoric", "epistemic"):
+        volume = read_nifti(out / f"{case_id}_{name}.nii.gz")
+        assert volume.header.get_data_dtype() == np.float32
+        assert volume.data.shape[:3] == seg.data.shape
+        assert volume.data.min() >= 0
+    assert (out / f"{case_id}_overview.png").stat().st_size > 10_000
+    return seg.data
+
+
+def test_wt_predict_then_evaluate_writes_every_file(wt_run, tmp_path, capsys):
+    data, workdir = wt_run
+    out = tmp_path / "pred"
+    assert _predict(workdir, data, out) == 0
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["task"] == "wt" and record["samples"] == 2 and len(record["cases"]) == 4
+    calibration = json.loads((workdir / "calibration.json").read_text())
+    assert record["temperature"] == calibration["temperature"]
+    for case_id in record["cases"]:
+        seg = _check_case_files(out, data, case_id, ("wt",))
+        assert set(np.unique(seg)) <= {0, 1}
+        assert not (out / f"{case_id}_unc_tc.nii.gz").exists()
+
+    # Reproducible: a fixed key per case.
+    again = tmp_path / "again"
+    assert _predict(workdir, data / record["cases"][0], again) == 0
+    first = record["cases"][0]
+    for name in ("prob", "epistemic"):
+        np.testing.assert_array_equal(
+            read_nifti(out / f"{first}_{name}.nii.gz").data,
+            read_nifti(again / f"{first}_{name}.nii.gz").data,
+        )
+
+    evaluation = tmp_path / "eval"
+    argv = ["--pred", str(out), "--data-dir", str(data), "--out", str(evaluation)]
+    assert evaluate.main([*argv, "--no-progress"]) == 0
+    with open(evaluation / "cases.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["case_id"] for row in rows] == record["cases"]
+    assert set(rows[0]) == {"case_id"} | {f"wt_{m}" for m in METRICS}
+    summary = json.loads((evaluation / "summary.json").read_text())
+    assert set(summary) == {"wt"} and set(summary["wt"]) == set(METRICS)
+    dices = [float(row["wt_dice"]) for row in rows]
+    assert summary["wt"]["dice"]["mean"] == pytest.approx(np.mean(dices), abs=1e-5)
+    for plot in ("reliability.png", "qubrats_curves.png"):
+        assert (evaluation / plot).stat().st_size > 10_000
+    assert "| WT |" in capsys.readouterr().out
+
+
+def test_regions_model_writes_release_labels_and_three_uncertainty_maps(regions_run, tmp_path):
+    data, workdir = regions_run
+    out = tmp_path / "pred"
+    assert _predict(workdir, data, out) == 0
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["task"] == "regions" and set(record["temperature"]) == {"wt", "tc", "et"}
+    for case_id in record["cases"]:
+        seg = _check_case_files(out, data, case_id, ("wt", "tc", "et"))
+        assert set(np.unique(seg)) <= {0, 1, 2, 3}  # BraTS 2023 labels
+    evaluation = tmp_path / "eval"
+    argv = ["--pred", str(out), "--data-dir", str(data), "--out", str(evaluation)]
+    assert evaluate.main([*argv, "--no-progress"]) == 0
+    assert set(json.loads((evaluation / "summary.json").read_text())) == {"wt", "tc", "et"}
+
+
+def _cli(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_predict_errors_are_one_line(wt_run, tmp_path):
+    data, workdir = wt_run
+    out = tmp_path / "out"
+    _one_line_error(_cli("predict", "--checkpoint", tmp_path, "--input", data, "--out", out),
+                    "no config.json")  # fmt: skip
+
+    # A checkpoint of another backbone size than its config.json.
+    other = tmp_path / "other"
+    shutil.copytree(workdir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["backbone"]["features"] = [4, 8, 8, 32]
+    (other / "config.json").write_text(json.dumps(config))
+    result = _cli("predict", "--checkpoint", other, "--input", data, "--out", out)
+    _one_line_error(result, "was written for backbone")
+
+    # A case without one of the model's modalities.
+    broken = tmp_path / "broken"
+    case = next(p for p in data.iterdir() if p.is_dir())
+    shutil.copytree(case, broken / case.name)
+    next((broken / case.name).glob(f"*_{MODALITIES[0]}.nii.gz")).unlink()
+    result = _cli("predict", "--checkpoint", workdir, "--input", broken, "--out", out)
+    _one_line_error(result, case.name)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_evaluate_errors_are_one_line(wt_run, tmp_path):
+    data, workdir = wt_run
+    _one_line_error(
+        _cli("evaluate", "--pred", tmp_path, "--data-dir", data, "--out", tmp_path / "e"),
+        "no prediction.json",
+    )
+    out = tmp_path / "pred"
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    assert _predict(workdir, case, out) == 0
+    # A segmentation on another grid than the ground truth.
+    seg_path = out / f"{case.name}_seg.nii.gz"
+    seg = read_nifti(seg_path)
+    from vi_seg_jax.io.nifti import write_nifti
+
+    write_nifti(seg_path, seg.data[:-2], affine=seg.affine, kind="label")
+    result = _cli("evaluate", "--pred", out, "--data-dir", data, "--out", tmp_path / "e")
+    _one_line_error(result, "_seg.nii.gz", "differs from the ground truth")

@@ -1,0 +1,198 @@
+"""Scores a prediction folder (`experiments.predict` output) against ground truth.
+
+Per case and region (WT for a `wt` model; WT, TC, ET for a `regions` model): Dice and IoU
+(the paper's, from the confusion counts), HD95 in mm (voxel spacing from the header; an
+empty prediction against a non-empty truth, or the reverse, scores `metrics.HD95_CAP`),
+calibration inside the brain mask (ECE with 15 bins, Brier, NLL) of the calibrated
+`_prob` maps and, when a temperature was applied, of the probabilities before it
+(`ece_uncalibrated`), and the QU-BraTS 2020 score of the `_unc_<region>` maps.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vi_seg_jax.calibration import invert_temperature
+from vi_seg_jax.data.conventions import REGION_NAMES, regions_from_classes
+from vi_seg_jax.data.discovery import CaseFiles
+from vi_seg_jax.data.loading import load_case
+from vi_seg_jax.data.preprocess import brain_mask
+from vi_seg_jax.errors import DataError
+from vi_seg_jax.io.nifti import read_nifti
+from vi_seg_jax.metrics import (
+    CalibrationBins,
+    QUBraTS,
+    brier_score,
+    calibration_bins,
+    dice,
+    expected_calibration_error,
+    hd95,
+    iou,
+    negative_log_likelihood,
+    qubrats,
+)
+
+METRICS = (
+    "dice",
+    "iou",
+    "hd95",
+    "ece",
+    "ece_uncalibrated",
+    "brier",
+    "nll",
+    "qubrats_dice_auc",
+    "qubrats_ftp_auc",
+    "qubrats_ftn_auc",
+    "qubrats_score",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionRun:
+    """What `experiments.predict` recorded in `prediction.json`."""
+
+    folder: Path
+    task: str
+    temperature: dict[str, float]
+    case_ids: tuple[str, ...]
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return ("wt",) if self.task == "wt" else REGION_NAMES
+
+    @classmethod
+    def read(cls, folder: str | Path) -> PredictionRun:
+        folder = Path(folder)
+        record_path = folder / "prediction.json"
+        if not record_path.is_file():
+            raise DataError(folder, "not a prediction folder (no prediction.json)")
+        record = json.loads(record_path.read_text())
+        return cls(folder, record["task"], record["temperature"], tuple(record["cases"]))
+
+    def path(self, case_id: str, suffix: str) -> Path:
+        path = self.folder / f"{case_id}_{suffix}.nii.gz"
+        if not path.is_file():
+            raise DataError(path, "missing (written by experiments.predict)")
+        return path
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseScores:
+    case_id: str
+    values: dict[str, dict[str, float]]  # region -> metric -> value
+    bins: dict[str, dict[str, CalibrationBins]]  # region -> "before"/"after" -> bins
+    curves: dict[str, QUBraTS]  # region -> filtering curves
+
+
+def _read_on_grid(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    data = read_nifti(path).data
+    if data.shape[:3] != shape:
+        raise DataError(path, f"grid {data.shape[:3]} differs from the ground truth's {shape}")
+    return data
+
+
+def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
+    """All metrics of one case (truth and brain mask from its source files)."""
+    volumes = load_case(case, tuple(case.images), with_label=True)
+    shape = volumes.label.shape
+    spacing = tuple(float(v) for v in np.linalg.norm(volumes.affine[:3, :3], axis=0))
+    brain = brain_mask(volumes.image)
+    truth = regions_from_classes(volumes.label)
+    seg = _read_on_grid(run.path(case.case_id, "seg"), shape).astype(np.int16)
+    if run.task == "wt":
+        predicted = (seg > 0)[..., None]
+    else:
+        predicted = regions_from_classes(case.convention.to_canonical(seg))
+    probs = _read_on_grid(run.path(case.case_id, "prob"), shape).reshape(*shape, -1)
+    values, bins, curves = {}, {}, {}
+    for r, region in enumerate(run.regions):
+        p, y, pred = probs[..., r], truth[..., r], predicted[..., r]
+        before = invert_temperature(p, run.temperature.get(region, 1.0))
+        uncertainty = _read_on_grid(run.path(case.case_id, f"unc_{region}"), shape)
+        curve = qubrats(pred, y, uncertainty, mask=brain)
+        values[region] = {
+            "dice": dice(pred, y),
+            "iou": iou(pred, y),
+            "hd95": hd95(pred, y, spacing),
+            "ece": expected_calibration_error(p, y, brain),
+            "ece_uncalibrated": expected_calibration_error(before, y, brain),
+            "brier": brier_score(p, y, brain),
+            "nll": negative_log_likelihood(p, y, brain),
+            "qubrats_dice_auc": curve.dice_auc,
+            "qubrats_ftp_auc": curve.ftp_auc,
+            "qubrats_ftn_auc": curve.ftn_auc,
+            "qubrats_score": curve.score,
+        }
+        bins[region] = {
+            "before": calibration_bins(before, y, brain),
+            "after": calibration_bins(p, y, brain),
+        }
+        curves[region] = curve
+    return CaseScores(case.case_id, values, bins, curves)
+
+
+def pool_bins(per_case: list[CalibrationBins]) -> CalibrationBins:
+    """Reliability bins of the union of the cases' voxels."""
+    counts = np.sum([b.counts for b in per_case], axis=0)
+
+    def pooled(field: str) -> np.ndarray:
+        weighted = [np.nan_to_num(getattr(b, field)) * b.counts for b in per_case]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(counts > 0, np.sum(weighted, axis=0) / counts, np.nan)
+
+    return CalibrationBins(per_case[0].edges, counts, pooled("confidence"), pooled("accuracy"))
+
+
+def mean_curves(per_case: list[QUBraTS]) -> QUBraTS:
+    """QU-BraTS curves and scores averaged over cases (the challenge's ranking average)."""
+    return QUBraTS(*(np.mean([getattr(c, f) for c in per_case], axis=0) for f in QUBraTS._fields))
+
+
+def summarize(scores: list[CaseScores], regions: tuple[str, ...]) -> dict[str, Any]:
+    """Per region and metric: mean, std, count over cases."""
+    summary: dict[str, Any] = {}
+    for region in regions:
+        summary[region] = {}
+        for metric in METRICS:
+            values = np.array([s.values[region][metric] for s in scores], np.float64)
+            summary[region][metric] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values)),
+                "n": len(values),
+            }
+    return summary
+
+
+def write_cases_csv(path: Path, scores: list[CaseScores], regions: tuple[str, ...]) -> None:
+    columns = ["case_id"] + [f"{r}_{m}" for r in regions for m in METRICS]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for s in scores:
+            writer.writerow(
+                [s.case_id] + [f"{s.values[r][m]:.6g}" for r in regions for m in METRICS]
+            )
+    tmp.replace(path)
+
+
+def markdown_table(summary: dict[str, Any], regions: tuple[str, ...]) -> str:
+    """Mean ± std per region; Dice and IoU in % as in the paper."""
+    shown = ("dice", "iou", "hd95", "ece", "ece_uncalibrated", "brier", "nll", "qubrats_score")
+    percent = {"dice", "iou"}
+    header = "| region | " + " | ".join(shown) + " |"
+    lines = [header, "|" + "---|" * (len(shown) + 1)]
+    for region in regions:
+        cells = []
+        for metric in shown:
+            scale = 100.0 if metric in percent else 1.0
+            stats = summary[region][metric]
+            cells.append(f"{scale * stats['mean']:.3g} ± {scale * stats['std']:.2g}")
+        lines.append(f"| {region.upper()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
