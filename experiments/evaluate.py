@@ -1,6 +1,6 @@
 """Score predictions against ground truth: Dice, IoU, HD95, calibration, QU-BraTS.
 
-    python -m experiments.evaluate --pred predictions/ --data-dir DATASET --out evaluation/
+    python -m experiments.evaluate --pred predictions/ [--data-dir DATASET] --out evaluation/
 
 Reads the folder `experiments.predict` wrote and the matching cases of a BraTS-layout
 dataset. Writes `cases.csv` (one row per case, `<region>_<metric>` columns),
@@ -27,7 +27,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--pred", required=True, type=Path, help="a folder written by experiments.predict")
-    add("--data-dir", required=True, type=Path, help="the dataset holding the ground truth")
+    add(
+        "--data-dir",
+        type=Path,
+        help="the dataset holding the ground truth (default: the input recorded by predict)",
+    )
     add("--out", required=True, type=Path, help="output folder (created)")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -51,11 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vi_seg_jax.plots import qubrats_figure, reliability_figure
 
     run = PredictionRun.read(args.pred)
-    dataset = discover_cases(args.data_dir, require_labels=True)
+    data_dir = args.data_dir or run.input
+    dataset = discover_cases(data_dir, require_labels=True)
     by_id = {case.case_id: case for case in dataset.cases}
     missing = [c for c in run.case_ids if c not in by_id]
     if missing:
-        raise DataError(args.data_dir, f"has no ground truth for predicted case(s) {missing}")
+        raise DataError(data_dir, f"has no ground truth for predicted case(s) {missing}")
     if not run.case_ids:
         raise DataError(args.pred, "holds no predicted cases")
     progress = None if not args.no_progress else True

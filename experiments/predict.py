@@ -2,6 +2,7 @@
 
     python -m experiments.predict --checkpoint runs/unet-vi-quick-seed0 --input CASE_OR_DATASET \\
         --out predictions/ [--samples 20]
+    python -m experiments.predict --checkpoint runs/unet-vi-quick-seed0 --split test --out predictions/
 
 Per case, on the source grid with the source affine (opens in 3D Slicer / ITK-SNAP):
 <case>_seg.nii.gz (labels in the input release's convention; 0/1 whole tumour for a
@@ -29,7 +30,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--checkpoint", required=True, type=Path, help="a training workdir (its best checkpoint)")
-    add("--input", required=True, type=Path, help="one case folder or a BraTS-layout dataset")
+    add("--input", type=Path, help="one case folder or a BraTS-layout dataset")
+    add(
+        "--split",
+        choices=("test", "validation"),
+        help="only the run's held-out cases of this split (from its splits.json); --input "
+        "defaults to the run's dataset",
+    )
     add("--out", required=True, type=Path, help="output folder (created)")
     add(
         "--samples",
@@ -45,6 +52,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--skip-bad", action="store_true", help="warn about and skip invalid cases")
     add("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.input is None and args.split is None:
+        parser.error("give --input, --split, or both")
     if args.samples is not None and args.samples < 1:
         parser.error("--samples must be >= 1")
     if not 0.0 <= args.overlap < 1.0:
@@ -59,15 +68,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from vi_seg_jax.data.discovery import discover_cases
-    from vi_seg_jax.predict import Predictor, load_trained, write_case
+    from vi_seg_jax.errors import DataError
+    from vi_seg_jax.predict import Predictor, load_trained, read_splits, write_case
 
     model = load_trained(args.checkpoint, args.step)
+    data_dir, wanted = args.input, None
+    if args.split is not None:
+        splits = read_splits(args.checkpoint)
+        data_dir = data_dir or Path(splits["root"])
+        wanted = set(splits[args.split])
     dataset = discover_cases(
-        args.input,
+        data_dir,
         modalities=model.config.data.modalities,
         require_labels=False,
         skip_bad=args.skip_bad,
     )
+    cases = [c for c in dataset.cases if wanted is None or c.case_id in wanted]
+    if not cases:
+        raise DataError(data_dir, f"holds none of the run's {args.split} cases")
     predictor = Predictor(
         model,
         num_samples=args.samples,
@@ -79,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "checkpoint": str(args.checkpoint),
+        "input": str(Path(data_dir).absolute()),
         "step": model.step,
         "task": model.task,
         "samples": predictor.num_samples,
@@ -86,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cases": [],
     }
     progress = not args.no_progress
-    for case in tqdm(dataset.cases, desc="cases", unit="case", disable=None if progress else True):
+    for case in tqdm(cases, desc="cases", unit="case", disable=None if progress else True):
         prediction = predictor.predict_case(case, progress=progress)
         write_case(args.out, prediction, model.regions)
         record["cases"].append(case.case_id)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from vi_seg_jax.calibration import invert_temperature
 from vi_seg_jax.data.conventions import REGION_NAMES, regions_from_classes
@@ -58,6 +59,7 @@ class PredictionRun:
     """What `experiments.predict` recorded in `prediction.json`."""
 
     folder: Path
+    input: Path
     task: str
     temperature: dict[str, float]
     case_ids: tuple[str, ...]
@@ -73,7 +75,13 @@ class PredictionRun:
         if not record_path.is_file():
             raise DataError(folder, "not a prediction folder (no prediction.json)")
         record = json.loads(record_path.read_text())
-        return cls(folder, record["task"], record["temperature"], tuple(record["cases"]))
+        return cls(
+            folder,
+            Path(record["input"]),
+            record["task"],
+            record["temperature"],
+            tuple(record["cases"]),
+        )
 
     def path(self, case_id: str, suffix: str) -> Path:
         path = self.folder / f"{case_id}_{suffix}.nii.gz"
@@ -135,6 +143,24 @@ def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
         }
         curves[region] = curve
     return CaseScores(case.case_id, values, bins, curves)
+
+
+def epistemic_away_from_abnormality(
+    epistemic: np.ndarray, brain: np.ndarray, abnormal: np.ndarray, margin: int = 2
+) -> float:
+    """Mean epistemic variance over brain voxels more than `margin` voxels from `abnormal`.
+
+    The out-of-distribution check's statistic. `abnormal` is the union of the annotated and
+    the predicted lesion: the whole-brain mean is dominated by how much tumour boundary a
+    case has (measured: in-domain tumours, being large, give a higher whole-brain mean than
+    small out-of-domain lesions), while on the remaining tissue a model that knows what it
+    has not seen is more uncertain on the other domain.
+    """
+    near = ndimage.binary_dilation(np.asarray(abnormal, bool), iterations=margin)
+    keep = np.asarray(brain, bool) & ~near
+    if not keep.any():
+        raise ValueError("no brain voxels away from the abnormality")
+    return float(np.mean(np.asarray(epistemic)[keep]))
 
 
 def pool_bins(per_case: list[CalibrationBins]) -> CalibrationBins:

@@ -140,6 +140,14 @@ def load_trained(workdir: str | Path, step: int | None = None) -> TrainedModel:
     return TrainedModel(workdir, config, spec, state, step, _temperatures(workdir, step))
 
 
+def read_splits(workdir: str | Path) -> dict:
+    """A training workdir's `splits.json` (dataset root and the case ids of each split)."""
+    path = Path(workdir) / "splits.json"
+    if not path.is_file():
+        raise DataError(Path(workdir), "holds no splits.json")
+    return json.loads(path.read_text())
+
+
 def _temperatures(workdir: Path, step: int) -> dict[str, float]:
     path = workdir / CALIBRATION_FILE
     if not path.exists():

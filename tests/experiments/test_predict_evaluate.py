@@ -199,3 +199,15 @@ def test_evaluate_errors_are_one_line(wt_run, tmp_path):
     write_nifti(seg_path, seg.data[:-2], affine=seg.affine, kind="label")
     result = _cli("evaluate", "--pred", out, "--data-dir", data, "--out", tmp_path / "e")
     _one_line_error(result, "_seg.nii.gz", "differs from the ground truth")
+
+
+def test_predict_the_runs_test_split_and_evaluate_against_its_dataset(wt_run, tmp_path):
+    _, workdir = wt_run
+    out = tmp_path / "pred"
+    argv = ["--checkpoint", str(workdir), "--split", "test", "--out", str(out)]
+    assert predict.main([*argv, "--samples", "1", "--window", "16", "--no-progress"]) == 0
+    test_ids = json.loads((workdir / "splits.json").read_text())["test"]
+    assert json.loads((out / "prediction.json").read_text())["cases"] == sorted(test_ids)
+    evaluation = tmp_path / "eval"
+    assert evaluate.main(["--pred", str(out), "--out", str(evaluation), "--no-progress"]) == 0
+    assert (evaluation / "cases.csv").read_text().count("\n") == 1 + len(test_ids)
