@@ -56,8 +56,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     )
     add(
         "--prior",
-        choices=("normal",),
-        help="prior over the Bayesian kernels: normal = N(0, prior_scale^2)",
+        choices=("normal", "dwp"),
+        help="prior over the Bayesian kernels: normal = N(0, prior_scale^2); dwp = the deep "
+        "weight prior of --prior-dir",
+    )
+    add("--prior-dir", help="a deep weight prior folder (python -m experiments.train_prior)")
+    add(
+        "--dwp-init",
+        action="store_true",
+        help="initialise the posterior means with samples of the deep weight prior",
     )
     add(
         "--estimator",
@@ -159,6 +166,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         top["likelihood"] = dataclasses.replace(config.likelihood, task=args.task)
     if args.prior:
         top["prior"] = args.prior
+    if args.prior_dir:
+        top["prior_dir"] = str(Path(args.prior_dir).absolute())
+    if args.dwp_init:
+        top["dwp_init"] = True
     if args.learning_rate:
         top["learning_rate"] = args.learning_rate
     if args.kl_warmup_epochs is not None:
@@ -178,6 +189,16 @@ def _check(config: TrainConfig) -> None:
         )
     if config.schedule.steps < 1:
         raise ValueError("--steps/--epochs must give at least one step")
+    if config.prior == "dwp" and not config.prior_dir:
+        raise ValueError(
+            "--prior dwp needs --prior-dir (built by python -m experiments.train_prior)"
+        )
+    if config.prior == "dwp" and config.method.method != "vi":
+        raise ValueError("--prior dwp needs --method vi")
+    if config.prior_dir and config.prior != "dwp":
+        raise ValueError("--prior-dir is only used with --prior dwp")
+    if config.dwp_init and config.prior != "dwp":
+        raise ValueError("--dwp-init needs --prior dwp")
     if config.data.validation_size < 1:
         raise ValueError("--validation-size must be >= 1 (validation picks the best checkpoint)")
     if config.data.batch_size < 1:
@@ -192,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     method = config.method.method
     workdir = Path(
-        args.workdir or f"runs/{config.backbone.name}-{method}-{config.preset}-seed{config.seed}"
+        args.workdir
+        or f"runs/{config.backbone.name}-{method}{'-dwp' if config.prior == 'dwp' else ''}"
+        f"-{config.preset}-seed{config.seed}"
     )
     try:
         summary = train_and_evaluate(

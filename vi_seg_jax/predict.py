@@ -125,7 +125,7 @@ def load_trained(workdir: str | Path, step: int | None = None) -> TrainedModel:
             checkpoints / str(step),
             f"was written for backbone {saved}, config.json has {config.backbone}",
         )
-    spec = build_spec(config, num_data=1.0)
+    spec = build_spec(config, num_data=1.0, with_prior=False)
     patch = tuple(config.data.patch_shape)
     dummy = jax.ShapeDtypeStruct((1, *patch, len(config.data.modalities)), jnp.float32)
     like = jax.eval_shape(lambda x: create_train_state(jax.random.key(0), spec, x), dummy)

@@ -93,7 +93,9 @@ class TrainConfig:
 
     backbone: BackboneConfig = BackboneConfig()
     method: MethodConfig = MethodConfig()
-    prior: Literal["normal"] = "normal"
+    prior: Literal["normal", "dwp"] = "normal"
+    prior_dir: str | None = None  # the deep weight prior's folder (`prior="dwp"`)
+    dwp_init: bool = False  # posterior means start from the prior's VAE samples
     likelihood: LikelihoodConfig = LikelihoodConfig()
     kl_weight: float = 1.0
     kl_warmup_epochs: int = 0

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from vi_seg_jax.backbones import get_backbone
 from vi_seg_jax.bayes.elbo import ObjectiveConfig, num_data_for_patches
+from vi_seg_jax.bayes.guide import bayesian_paths
 from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.calibration import (
     CALIBRATION_FILE,
@@ -72,8 +74,12 @@ class _Progress:
     last_improvement_step: int = 0
 
 
-def build_spec(config: TrainConfig, num_data: float) -> ModelSpec:
-    """The static model description of a run."""
+def build_spec(config: TrainConfig, num_data: float, *, with_prior: bool = True) -> ModelSpec:
+    """The static model description of a run.
+
+    `with_prior=False` skips loading a deep weight prior (prediction does not need it) and
+    puts the N(0, s²) prior in its place.
+    """
     backbone = get_backbone(
         config.backbone.name, num_classes=config.likelihood.num_outputs, **config.backbone.kwargs()
     )
@@ -83,10 +89,40 @@ def build_spec(config: TrainConfig, num_data: float) -> ModelSpec:
         kl_weight=config.kl_weight,
         kl_warmup_steps=config.kl_warmup_epochs * config.schedule.steps_per_epoch,
     )
-    if config.prior != "normal":
-        raise ValueError(f"unknown prior {config.prior!r}; available: normal")
     prior = NormalPrior(config.method.prior_scale)
+    if config.prior == "dwp" and with_prior:
+        prior = _deep_weight_prior(config, backbone, prior)
+    elif config.prior not in ("normal", "dwp"):
+        raise ValueError(f"unknown prior {config.prior!r}; available: normal, dwp")
     return ModelSpec(backbone, config.method, objective, config.optim(), prior)
+
+
+def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):
+    from vi_seg_jax.dwp.prior import load_prior
+
+    if config.method.method != "vi":
+        raise ValueError("the deep weight prior needs --method vi")
+    if not config.prior_dir:
+        raise ValueError("--prior dwp needs --prior-dir (built by experiments.train_prior)")
+    dims = config.backbone.spatial_dims
+    sample = jnp.zeros((1, *(2**backbone.depth,) * dims, len(config.data.modalities)))
+    shapes = jax.eval_shape(backbone.init, jax.random.key(0), sample)["params"]
+    return load_prior(
+        config.prior_dir,
+        backbone=config.backbone.name,
+        spatial_dims=dims,
+        paths=bayesian_paths(shapes),
+        fallback=fallback,
+    )
+
+
+def _init_from_prior(state: TrainState, spec: ModelSpec, key: jax.Array) -> TrainState:
+    from vi_seg_jax.dwp.prior import DeepWeightPrior, init_locations_from_prior
+
+    if not isinstance(spec.prior, DeepWeightPrior):
+        raise ValueError("--dwp-init needs --prior dwp")
+    guide = init_locations_from_prior(jax.random.fold_in(key, 1), state.guide, spec.prior)
+    return state.replace(guide=guide)
 
 
 def backbone_multiple(config: TrainConfig) -> int:
@@ -185,6 +221,8 @@ def train_and_evaluate(
     spec = build_spec(config, num_data)
     init_key, _, eval_key, data_key = jax.random.split(jax.random.key(config.seed), 4)
     state = create_train_state(init_key, spec, sampler.batch_at(data_key, 0).images)
+    if config.dwp_init:
+        state = _init_from_prior(state, spec, init_key)
     progress_state = _Progress()
     if resume and manager.latest_step() is not None:
         state, meta = restore_checkpoint(manager, state)

@@ -1,0 +1,221 @@
+"""The deep weight prior's KL bound, layer groups, kernel collection and prior folders."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from vi_seg_jax.backbones import get_backbone
+from vi_seg_jax.bayes.guide import GuideConfig, bayesian_paths, init_guide, split_params
+from vi_seg_jax.bayes.priors import NormalPrior
+from vi_seg_jax.dwp.kernels import (
+    collect_kernels,
+    default_groups,
+    kernel_slices,
+    path_name,
+)
+from vi_seg_jax.dwp.prior import (
+    DeepWeightPrior,
+    bound_terms,
+    group_kl_bound,
+    guide_rows,
+    init_locations_from_prior,
+    load_prior,
+    write_prior,
+)
+from vi_seg_jax.dwp.vae import VAEConfig, decode, init_vae
+from vi_seg_jax.errors import DataError
+
+
+def _log_prior_by_quadrature(params, config, w, half_width=7.0, points=141):
+    """log p(w) = log ∫ p(w|z) N(z; 0, I) dz on a grid over a 2D latent."""
+    axis = np.linspace(-half_width, half_width, points)
+    grid = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    mu, log_var = (
+        np.asarray(a, np.float64) for a in decode(params, config, jnp.asarray(grid, jnp.float32))
+    )
+    log_pz = -0.5 * np.sum(grid**2, -1) - np.log(2 * np.pi)
+    cell = np.log((axis[1] - axis[0]) ** 2)
+    w = np.asarray(w, np.float64)[:, None, :]
+    log_pw_z = -0.5 * np.sum(np.log(2 * np.pi) + log_var + (w - mu) ** 2 / np.exp(log_var), -1)
+    return logsumexp(log_pw_z + log_pz + cell, axis=1)
+
+
+@pytest.fixture(scope="module")
+def small_vae():
+    config = VAEConfig(spatial_dims=2, latent_dim=2, hidden=16)
+    return init_vae(jax.random.key(0), config), config
+
+
+def test_the_bound_is_above_the_true_kl(small_vae):
+    params, config = small_vae
+    rows = 3
+    loc = 0.5 * jax.random.normal(jax.random.key(1), (rows, config.kernel_dim))
+    log_var = jnp.full((rows, config.kernel_dim), -1.0)
+    # True KL(q‖p) = −H[q] + E_q[−log p(w)], by Monte Carlo over w and quadrature over z.
+    samples = 400
+    noise = jax.random.normal(jax.random.key(2), (samples, rows, config.kernel_dim))
+    w = loc[None] + jnp.exp(0.5 * log_var)[None] * noise
+    neg_log_p = -_log_prior_by_quadrature(params, config, w.reshape(-1, config.kernel_dim))
+    neg_entropy = -0.5 * float(jnp.sum(np.log(2 * np.pi) + 1 + log_var))
+    true_kl = neg_entropy + rows * neg_log_p.mean()
+
+    # The bound's expectation, per w sample (with the same w): gap ≥ 0 for every w.
+    z_noise = jax.random.normal(jax.random.key(3), (samples * rows, config.latent_dim))
+    bound = np.asarray(bound_terms(params, config, w.reshape(-1, config.kernel_dim), z_noise))
+    gap = bound - neg_log_p
+    assert gap.mean() > 3 * gap.std() / np.sqrt(gap.size)
+
+    # `group_kl_bound` (its own noise) estimates −H[q] + E[bound] ≥ true KL on average.
+    estimates = np.array(
+        [
+            float(group_kl_bound(params, config, loc, log_var, jax.random.key(100 + i)))
+            for i in range(200)
+        ]
+    )
+    standard_error = estimates.std() / np.sqrt(estimates.size)
+    assert estimates.mean() >= true_kl - 3 * standard_error
+    expected = neg_entropy + rows * bound.mean()
+    assert estimates.mean() == pytest.approx(
+        expected, abs=5 * standard_error + 0.05 * abs(expected)
+    )
+
+
+def test_the_bound_is_evaluated_in_chunks_with_the_same_result(small_vae):
+    params, config = small_vae
+    loc = jax.random.normal(jax.random.key(4), (37, config.kernel_dim))
+    log_var = jnp.full_like(loc, -2.0)
+    key = jax.random.key(5)
+    whole = group_kl_bound(params, config, loc, log_var, key, chunk_size=64)
+    chunked = group_kl_bound(params, config, loc, log_var, key, chunk_size=5)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+
+
+def _unet(features=(4, 8, 8, 16), dims=3):
+    net = get_backbone("unet", num_classes=2, spatial_dims=dims, features=features)
+    shape = (1, *(2**net.depth,) * dims, 4)
+    params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros(shape))["params"]
+    params = jax.tree.map(lambda s: jax.random.normal(jax.random.key(1), s.shape), params)
+    return net, params
+
+
+def test_paper_unet_gets_the_dwp_codes_seven_groups():
+    _, params = _unet()
+    groups = default_groups("unet", bayesian_paths(params))
+    named = {
+        g: [path_name(p).removesuffix("/kernel") for p in paths] for g, paths in groups.items()
+    }
+    assert named == {
+        "encoder_1": ["init", "down_1/conv_1"],
+        "encoder_2": ["down_1/conv_2", "down_2/conv_1", "down_2/conv_2", "down_3/conv_1"],
+        "encoder_3": ["down_3/conv_2", "down_4/conv_1", "down_4/conv_2", "down_5/conv_1"],
+        "encoder_4": ["down_5/conv_2", "down_6/conv_1", "down_6/conv_2"]
+        + [f"bottleneck_{i}/conv_{j}" for i in (1, 2, 3) for j in (1, 2)],
+        "up_1": ["up_1/conv_1", "up_1/conv_2"],
+        "up_2": ["up_2/conv_1", "up_2/conv_2"],
+        "up_3": ["up_3/conv_1", "up_3/conv_2"],
+    }
+
+
+@pytest.mark.parametrize("backbone", ["vnet", "fcn"])
+def test_other_backbones_cover_every_kernel_once_in_forward_order(backbone):
+    net = get_backbone(backbone, num_classes=2, spatial_dims=2, features=(4, 8, 8, 16))
+    params = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)))["params"]
+    paths = bayesian_paths(params)
+    groups = default_groups(backbone, paths)
+    flat = [p for group in groups.values() for p in group]
+    assert sorted(flat) == sorted(paths) and len(flat) == len(set(flat))
+    assert [g for g in groups if g.startswith("encoder")] == [f"encoder_{i}" for i in (1, 2, 3, 4)]
+
+
+def test_kernel_slices_are_channel_pairs_and_small_ones_are_dropped():
+    kernel = np.arange(3 * 3 * 2 * 4, dtype=np.float32).reshape(3, 3, 2, 4)
+    rows = kernel_slices(kernel)
+    assert rows.shape == (8, 9)
+    np.testing.assert_array_equal(rows[1 * 4 + 3], kernel[:, :, 1, 3].ravel())
+    np.testing.assert_array_equal(np.asarray(guide_rows(jnp.asarray(kernel))), rows)
+    kernel[:, :, 0, 0] = 1e-4  # a dead filter
+    collected = collect_kernels([{"a": {"kernel": kernel}}], {"g": [("a", "kernel")]})
+    assert collected["g"].shape == (7, 9)
+
+
+def _prior_folder(tmp_path, params, backbone="unet", dims=3, latent=2):
+    groups = default_groups(backbone, bayesian_paths(params))
+    config = VAEConfig(spatial_dims=dims, latent_dim=latent, hidden=8)
+    vaes = {name: (init_vae(jax.random.key(i), config), config) for i, name in enumerate(groups)}
+    kernels = collect_kernels([params], groups)
+    return write_prior(
+        tmp_path / "prior",
+        backbone=backbone,
+        spatial_dims=dims,
+        groups=groups,
+        kernels=kernels,
+        vaes=vaes,
+        reports={},
+    )
+
+
+def test_prior_folder_round_trip_and_the_kl_splits_by_coverage(tmp_path):
+    _, params = _unet()
+    folder = _prior_folder(tmp_path, params)
+    paths = bayesian_paths(params)
+    prior = load_prior(folder, backbone="unet", spatial_dims=3, paths=paths)
+    assert isinstance(prior, DeepWeightPrior) and len(prior.groups) == 7
+    kernels, _ = split_params(params, paths)
+    guide = init_guide(jax.random.key(1), kernels, GuideConfig())
+    key = jax.random.key(2)
+    kl = prior.kl(guide, key)
+    # Every 3×3×3 kernel of the U-Net is covered: the sum of the groups' bounds, each with
+    # its own key ...
+    loc, log_var = _flat(guide.loc), _flat(guide.log_var)
+    expected = 0.0
+    for group_key, name in zip(jax.random.split(key, 7), sorted(prior.groups), strict=True):
+        rows = [
+            jnp.concatenate([guide_rows(a[p]) for p in prior.groups[name]]) for a in (loc, log_var)
+        ]
+        expected += float(group_kl_bound(*prior.vaes[name], *rows, group_key))
+    assert float(kl) == pytest.approx(expected, rel=1e-5)
+    # ... and without groups, the closed-form N(0, 1) KL.
+    empty = dataclasses.replace(prior, groups={}, vaes={})
+    assert float(empty.kl(guide, key)) == pytest.approx(float(NormalPrior().kl(guide)), rel=1e-6)
+
+
+def _flat(tree):
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(tree))
+
+
+def test_a_prior_for_another_network_is_refused(tmp_path):
+    _, params = _unet()
+    folder = _prior_folder(tmp_path, params)
+    paths = bayesian_paths(params)
+    with pytest.raises(DataError, match="built for backbone unet, this run uses vnet"):
+        load_prior(folder, backbone="vnet", spatial_dims=3, paths=paths)
+    with pytest.raises(DataError, match="3\\^3 kernels, this run has 3\\^2"):
+        load_prior(folder, backbone="unet", spatial_dims=2, paths=paths)
+    _, deeper = _unet(features=(4, 8, 8, 16, 16))
+    with pytest.raises(DataError, match="layer grouping"):
+        load_prior(folder, backbone="unet", spatial_dims=3, paths=bayesian_paths(deeper))
+    with pytest.raises(DataError, match=r"no manifest\.json"):
+        load_prior(tmp_path, backbone="unet", spatial_dims=3, paths=paths)
+
+
+def test_dwp_initialisation_draws_locations_from_the_vaes(tmp_path):
+    _, params = _unet()
+    folder = _prior_folder(tmp_path, params)
+    paths = bayesian_paths(params)
+    prior = load_prior(folder, backbone="unet", spatial_dims=3, paths=paths)
+    kernels, _ = split_params(params, paths)
+    guide = init_guide(jax.random.key(1), kernels, GuideConfig())
+    initial = init_locations_from_prior(jax.random.key(3), guide, prior)
+    before, after = guide.loc["init"]["kernel"], initial.loc["init"]["kernel"]
+    assert after.shape == before.shape and not np.allclose(after, before)
+    # The decoder's own scale (random init: ~unit variance), not the 0.02 of the default init.
+    assert float(jnp.std(after)) > 5 * float(jnp.std(before))
+    np.testing.assert_array_equal(
+        initial.log_var["init"]["kernel"], guide.log_var["init"]["kernel"]
+    )

@@ -1,0 +1,1 @@
+"""The deep weight prior (Atanov et al. 2019): a VAE over convolution kernel slices."""
