@@ -62,6 +62,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     )
     add("--prior-dir", help="a deep weight prior folder (python -m experiments.train_prior)")
     add(
+        "--init-log-var",
+        type=float,
+        help="initial log-variance of the posterior (preset: -5; -10 with --prior dwp, as in "
+        "the deep weight prior code, whose decoders are tight)",
+    )
+    add(
         "--dwp-init",
         action="store_true",
         help="initialise the posterior means with samples of the deep weight prior",
@@ -139,6 +145,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         method["estimator"] = args.estimator
     if args.particles:
         method["num_particles"] = args.particles
+    init_log_var = args.init_log_var
+    if init_log_var is None and args.prior == "dwp":
+        init_log_var = -10.0
+    if init_log_var is not None:
+        method["guide"] = dataclasses.replace(config.method.guide, init_log_var=init_log_var)
     if args.data_dir:
         data["data_dir"] = str(Path(args.data_dir).absolute())
     if args.train_size:

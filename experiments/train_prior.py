@@ -72,7 +72,9 @@ def source_config(args: argparse.Namespace, seed: int):
 
         lesions = DefaultDataset(domain="lesions", num_cases=20)
         data["data_dir"] = str(ensure_default_dataset(lesions, progress=not args.no_progress))
-        data.update(test_size=2, validation_size=2, train_size=None)
+    # Source networks only need to learn the source domain: every case but one for validation
+    # (and one held out, never used) trains them.
+    data.update(test_size=1, validation_size=1, train_size=None)
     schedule = {"steps": args.source_steps, "patience_epochs": None}
     return with_overrides(
         config,

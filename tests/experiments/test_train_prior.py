@@ -1,0 +1,108 @@
+"""train_prior → train --prior dwp from the command line, on tiny shapes."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import train, train_prior
+from vi_seg_jax.data.synthetic import write_dataset
+from vi_seg_jax.dwp.vae import load_vae
+
+TINY = ["--features", "4", "8", "8", "16", "--patch", "16", "16", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def prior(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dwp")
+    source = root / "lesions"
+    write_dataset(source, num_cases=4, domain="lesions", shape=(32, 32, 24), seed=6)
+    out = root / "prior"
+    argv = ["--backbone", "unet", "--out", str(out), "--source-data-dir", str(source), *TINY]
+    argv += ["--sources", "2", "--source-steps", "4", "--vae-steps", "30"]
+    with jax.numpy_dtype_promotion("standard"):
+        assert train_prior.main(argv) == 0
+    return out
+
+
+def test_prior_folder_holds_a_vae_per_group_and_the_kernels(prior):
+    manifest = json.loads((prior / "manifest.json").read_text())
+    assert manifest["backbone"] == "unet" and manifest["spatial_dims"] == 3
+    assert list(manifest["groups"]) == [f"encoder_{i}" for i in (1, 2, 3, 4)] + [
+        "up_1",
+        "up_2",
+        "up_3",
+    ]
+    assert len(manifest["reports"]["sources"]) == 2
+    for group in manifest["groups"]:
+        report = manifest["reports"][group]
+        assert np.isfinite(report["heldout_neg_elbo"])
+        assert np.isfinite(report["heldout_normal_neg_log_lik"])
+        kernels = np.load(prior / "kernels" / f"{group}.npy")
+        assert kernels.shape[1] == 27 and np.all(np.linalg.norm(kernels, axis=1) > 1e-2)
+        _, config = load_vae(prior / "vae" / group)
+        assert config.latent_dim == 6 and config.spatial_dims == 3
+    assert not list(prior.parent.glob(".prior.*"))  # nothing half-written
+
+
+def test_train_with_the_deep_weight_prior_end_to_end(prior, tmp_path, monkeypatch):
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    write_dataset(data, num_cases=4, shape=(32, 32, 24), seed=1)
+    workdir = tmp_path / "run"
+    argv = ["--data-dir", str(data), "--workdir", str(workdir), *TINY, "--batch-size", "2"]
+    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2", "--steps", "4"]
+    argv += ["--steps-per-epoch", "2", "--validation-samples", "1", "--no-tensorboard"]
+    argv += ["--prior", "dwp", "--prior-dir", str(prior), "--dwp-init"]
+    with jax.numpy_dtype_promotion("standard"):
+        assert train.main(argv) == 0
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["prior"] == "dwp" and config["dwp_init"]
+    assert config["method"]["guide"]["init_log_var"] == -10.0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["kl"]) and np.isfinite(r["loss"]) for r in records if "kl" in r)
+
+
+def _train_cli(tmp_path, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--workdir", str(tmp_path / "w"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"VI_SEG_JAX_CACHE": str(tmp_path / "cache"), **_base_env()},
+    )
+
+
+def _base_env():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "VI_SEG_JAX_CACHE"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--backbone", "vnet"], "prior built for backbone unet, this run uses vnet"),
+        (["--spatial-dims", "2", "--patch", "16", "16"], "this run has 3^2"),
+        (["--features", "4", "8", "16"], "layer grouping"),
+    ],
+)
+def test_a_prior_for_another_network_is_a_one_line_error(prior, tmp_path, extra, message):
+    data = tmp_path / "data"
+    write_dataset(data, num_cases=3, shape=(32, 32, 24), seed=1)
+    args = ["--data-dir", str(data), "--prior", "dwp", "--prior-dir", str(prior), "--steps", "1"]
+    args += ["--test-size", "1", "--validation-size", "1", "--train-size", "1", "--no-progress"]
+    result = _train_cli(tmp_path, *args, *TINY, *extra)  # the last --features/--patch wins
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "manifest.json" in lines[0]
+
+
+def test_prior_flags_are_checked(tmp_path):
+    result = _train_cli(tmp_path, "--prior", "dwp")
+    assert result.returncode == 2 and "--prior-dir" in result.stderr
+    result = _train_cli(tmp_path, "--prior", "dwp", "--prior-dir", "x", "--method", "ensemble")
+    assert result.returncode == 2 and "--method vi" in result.stderr
