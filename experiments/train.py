@@ -61,6 +61,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         "weight prior of --prior-dir",
     )
     add("--prior-dir", help="a deep weight prior folder (python -m experiments.train_prior)")
+    add("--init-from", help="start from the weights of this trained deterministic run")
+    add(
+        "--freeze",
+        nargs="+",
+        metavar="LAYER",
+        help="top-level layers never updated (e.g. down_3 down_4), for fine-tuning",
+    )
+    add("--train-repeat", type=int, help="which seeded draw of the training cases (0, 1, ...)")
     add(
         "--init-log-var",
         type=float,
@@ -181,6 +189,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         top["prior_dir"] = str(Path(args.prior_dir).absolute())
     if args.dwp_init:
         top["dwp_init"] = True
+    if args.init_from:
+        top["init_from"] = str(Path(args.init_from).absolute())
+    if args.freeze:
+        top["frozen_layers"] = tuple(args.freeze)
+    if args.train_repeat is not None:
+        data["train_repeat"] = args.train_repeat
     if args.learning_rate:
         top["learning_rate"] = args.learning_rate
     if args.kl_warmup_epochs is not None:

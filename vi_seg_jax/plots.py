@@ -221,3 +221,31 @@ def overview_figure(
                 figure.colorbar(shown, ax=axes[:, col].tolist(), shrink=0.6)
     figure.suptitle(f"{title} (through voxel {centre})" if title else f"through voxel {centre}")
     return _save(figure, path)
+
+
+def transfer_figure(path: str | Path, rows: list[dict], metric: str = "dice") -> Path:
+    """Mean ± std of `metric` (%) against the number of training cases, one line per variant.
+
+    Args:
+      path: PNG to write.
+      rows: one dict per run with `variant`, `train_size` and `metric`.
+      metric: the key to plot.
+    """
+    if not rows:
+        raise ValueError("no runs to plot")
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        sizes = sorted({r["train_size"] for r in rows if r["variant"] == variant})
+        values = [
+            [100 * r[metric] for r in rows if r["variant"] == variant and r["train_size"] == s]
+            for s in sizes
+        ]
+        mean = np.array([np.mean(v) for v in values])
+        std = np.array([np.std(v) for v in values])
+        axis.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=variant)
+    axis.set_xlabel("training cases")
+    axis.set_ylabel(f"test {metric} (%)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    return _save(figure, path)

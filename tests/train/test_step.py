@@ -2,6 +2,7 @@
 
 import jax
 import jax.extend
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -135,3 +136,15 @@ def test_steps_over_per_member_kernels_avoid_grouped_convs(method, kwargs):
     with conv_impl("s2d"):  # the check can fail: XLA's own convs under vmap are grouped
         jaxpr = jax.make_jaxpr(make_train_step(spec))(state, (images, labels)).jaxpr
     assert _grouped_convs(jaxpr) != []
+
+
+def test_frozen_layers_get_no_updates():
+    from vi_seg_jax.train.state import make_optimizer
+
+    params = {"params": {"down_3": {"kernel": jnp.ones(3)}, "up_1": {"kernel": jnp.ones(3)}}}
+    optimizer = make_optimizer(OptimConfig(learning_rate=0.1, frozen=("down_3",)))
+    grads = jax.tree.map(jnp.ones_like, params)
+    with jax.numpy_dtype_promotion("standard"):
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    np.testing.assert_array_equal(updates["params"]["down_3"]["kernel"], 0.0)
+    assert np.all(np.asarray(updates["params"]["up_1"]["kernel"]) < 0)

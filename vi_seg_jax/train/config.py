@@ -44,6 +44,8 @@ class DataConfig:
       normalization: `zscore` or `minmax` inside the brain mask.
       test_size / validation_size: fixed, seeded held-out sets (never trained on).
       train_size: training cases drawn from the rest (None: all of the rest).
+      train_repeat: which independent draw of the training cases (repeats of the
+        train-size protocol; the test and validation sets stay fixed).
       split_seed: seed of the splits (independent of the training seed).
       patch_shape: training patch, 3 ints (3D) or 2 (2D axial slices).
       batch_size: patches per step.
@@ -56,6 +58,7 @@ class DataConfig:
     test_size: int = 10
     validation_size: int = 5
     train_size: int | None = 20
+    train_repeat: int = 0
     split_seed: int = 0
     patch_shape: tuple[int, ...] = (32, 32, 32)
     batch_size: int = 2
@@ -96,6 +99,8 @@ class TrainConfig:
     prior: Literal["normal", "dwp"] = "normal"
     prior_dir: str | None = None  # the deep weight prior's folder (`prior="dwp"`)
     dwp_init: bool = False  # posterior means start from the prior's VAE samples
+    init_from: str | None = None  # a trained deterministic run whose weights start this one
+    frozen_layers: tuple[str, ...] = ()  # top-level layers never updated (fine-tuning)
     likelihood: LikelihoodConfig = LikelihoodConfig()
     kl_weight: float = 1.0
     kl_warmup_epochs: int = 0
@@ -111,6 +116,7 @@ class TrainConfig:
             learning_rate=self.learning_rate,
             decay_every_steps=self.schedule.decay_every_epochs * self.schedule.steps_per_epoch,
             clip_norm=self.clip_norm,
+            frozen=tuple(self.frozen_layers),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vi_seg_jax.backbones import get_backbone
 from vi_seg_jax.bayes.elbo import ObjectiveConfig, num_data_for_patches
-from vi_seg_jax.bayes.guide import bayesian_paths
+from vi_seg_jax.bayes.guide import bayesian_paths, split_params
 from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.calibration import (
     CALIBRATION_FILE,
@@ -116,6 +116,30 @@ def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):
     )
 
 
+def _init_from_run(state: TrainState, config: TrainConfig) -> TrainState:
+    """Weights of a trained deterministic run (source pretraining), same architecture."""
+    from vi_seg_jax.predict import load_trained
+
+    source = load_trained(config.init_from)
+    if source.config.method.method != "deterministic":
+        raise DataError(Path(config.init_from), "--init-from needs a deterministic run")
+    same = (source.config.backbone, source.config.likelihood.task) == (
+        config.backbone,
+        config.likelihood.task,
+    )
+    if not same:
+        raise DataError(
+            Path(config.init_from),
+            f"holds a {source.config.likelihood.task} {source.config.backbone}, this run "
+            f"trains a {config.likelihood.task} {config.backbone}",
+        )
+    params = source.state.params
+    if state.guide is None:
+        return state.replace(params=params)
+    kernels, rest = split_params(params, bayesian_paths(params))
+    return state.replace(params=rest, guide=dataclasses.replace(state.guide, loc=kernels))
+
+
 def _init_from_prior(state: TrainState, spec: ModelSpec, key: jax.Array) -> TrainState:
     from vi_seg_jax.dwp.prior import DeepWeightPrior, init_locations_from_prior
 
@@ -158,11 +182,11 @@ def load_data(config: TrainConfig, *, progress: bool = True):
         test_size=config.data.test_size,
         validation_size=config.data.validation_size,
         train_sizes=(train_size,),
-        repeats=1,
+        repeats=config.data.train_repeat + 1,
     )
     preprocess_config = preprocess_config_for(config)
     by_id = {case.case_id: case for case in dataset.cases}
-    wanted = set(splits.train[(train_size, 0)]) | set(splits.validation)
+    wanted = set(splits.train[(train_size, config.data.train_repeat)]) | set(splits.validation)
     subset = dataclasses.replace(dataset, cases=tuple(by_id[c] for c in sorted(wanted)))
     prepared = {
         case.case_id: case
@@ -170,7 +194,7 @@ def load_data(config: TrainConfig, *, progress: bool = True):
             subset, modalities=config.data.modalities, config=preprocess_config, progress=progress
         )
     }
-    train = [prepared[c] for c in splits.train[(train_size, 0)]]
+    train = [prepared[c] for c in splits.train[(train_size, config.data.train_repeat)]]
     validation = [prepared[c] for c in splits.validation]
     return dataset, splits, train, validation
 
@@ -221,6 +245,8 @@ def train_and_evaluate(
     spec = build_spec(config, num_data)
     init_key, _, eval_key, data_key = jax.random.split(jax.random.key(config.seed), 4)
     state = create_train_state(init_key, spec, sampler.batch_at(data_key, 0).images)
+    if config.init_from:
+        state = _init_from_run(state, config)
     if config.dwp_init:
         state = _init_from_prior(state, spec, init_key)
     progress_state = _Progress()

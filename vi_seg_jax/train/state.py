@@ -35,12 +35,15 @@ class OptimConfig:
         (50 epochs × steps per epoch for the paper); 0 keeps it constant.
       decay_factor: the step decay's factor.
       clip_norm: clip gradients to this global norm first; None disables clipping.
+      frozen: names of layers (top-level modules, e.g. `"down_3"`) whose parameters are
+        never updated (fine-tuning with frozen layers).
     """
 
     learning_rate: float = 1e-3
     decay_every_steps: int = 0
     decay_factor: float = 0.5
     clip_norm: float | None = None
+    frozen: tuple[str, ...] = ()
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
@@ -55,10 +58,19 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
         if config.decay_every_steps > 0
         else config.learning_rate
     )
-    adam = optax.adam(schedule)
-    if config.clip_norm is None:
-        return adam
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adam)
+    parts = [optax.adam(schedule)]
+    if config.clip_norm is not None:
+        parts.insert(0, optax.clip_by_global_norm(config.clip_norm))
+    if config.frozen:
+        frozen = set(config.frozen)
+
+        def is_frozen(tree):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: any(getattr(k, "key", None) in frozen for k in path), tree
+            )
+
+        parts.append(optax.masked(optax.set_to_zero(), is_frozen))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 @dataclasses.dataclass(frozen=True)
