@@ -106,3 +106,26 @@ def test_prior_flags_are_checked(tmp_path):
     assert result.returncode == 2 and "--prior-dir" in result.stderr
     result = _train_cli(tmp_path, "--prior", "dwp", "--prior-dir", "x", "--method", "ensemble")
     assert result.returncode == 2 and "--method vi" in result.stderr
+
+
+def test_fine_tuning_from_a_source_run_keeps_frozen_layers(prior, tmp_path, monkeypatch):
+    from vi_seg_jax.predict import load_trained
+
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
+    source = prior.with_name(f"{prior.name}.sources") / "seed0"
+    data = tmp_path / "data"
+    write_dataset(data, num_cases=4, shape=(32, 32, 24), seed=1)
+    workdir = tmp_path / "run"
+    argv = ["--data-dir", str(data), "--workdir", str(workdir), *TINY, "--batch-size", "2"]
+    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2", "--steps", "3"]
+    argv += ["--steps-per-epoch", "3", "--no-tensorboard", "--method", "deterministic"]
+    argv += ["--init-from", str(source), "--freeze", "down_3", "down_4"]
+    with jax.numpy_dtype_promotion("standard"):
+        assert train.main(argv) == 0
+    before = load_trained(source).state.params
+    after = load_trained(workdir).state.params
+    for layer in ("down_3", "down_4"):
+        for a, b in zip(jax.tree.leaves(before[layer]), jax.tree.leaves(after[layer]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after))
+    assert any(changed)  # the rest was fine-tuned
