@@ -45,6 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--source-steps", type=int, default=200, help="training steps per source network")
     add("--vae-steps", type=int, default=3000, help="VAE training steps per layer group")
     add("--latent-dim", type=int, default=6, help="VAE latent size")
+    add("--vae-learning-rate", type=float, default=5e-4, help="Adam step size of the VAEs")
     add("--seed", type=int, default=0, help="seed of the VAEs")
     add("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -137,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(rows) < 20:
             raise DataError(runs[0], f"layer group {name} has only {len(rows)} usable kernels")
         config = VAEConfig(
-            spatial_dims=spatial_dims, latent_dim=args.latent_dim, steps=args.vae_steps
+            spatial_dims=spatial_dims,
+            latent_dim=args.latent_dim,
+            steps=args.vae_steps,
+            learning_rate=args.vae_learning_rate,
         )
         print(f"kernel VAE {name}: {len(rows)} kernels", file=sys.stderr)
         vae_params, report = train_vae(rows, config, key, progress=not args.no_progress)

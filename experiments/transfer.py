@@ -23,7 +23,6 @@ The source networks and the prior come from `experiments.train_prior` (built int
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from experiments.common import run_cli
 from experiments.configs import get_config, with_overrides
+from experiments.studies import held_out_dice_iou, mean_std_table, train_or_reuse, write_csv
 from vi_seg_jax.backbones import get_backbone
 
 VARIANTS = ("RI", "PR", "PRf", "VI", "DWP")
@@ -128,33 +128,9 @@ def build_prior(args: argparse.Namespace) -> Path:
     return prior
 
 
-def test_scores(workdir: Path, samples: int) -> tuple[float, float]:
-    """Mean whole-tumour Dice and IoU over the run's test cases."""
-    import numpy as np
-
-    from vi_seg_jax.data.discovery import discover_cases
-    from vi_seg_jax.metrics import dice, iou
-    from vi_seg_jax.predict import Predictor, load_trained, read_splits
-
-    model = load_trained(workdir)
-    splits = read_splits(workdir)
-    cases = [c for c in discover_cases(splits["root"]).cases if c.case_id in set(splits["test"])]
-    deterministic = model.config.method.method == "deterministic"
-    predictor = Predictor(model, num_samples=1 if deterministic else samples)
-    dices, ious = [], []
-    for case in cases:
-        out = predictor.predict_case(case, progress=False)
-        predicted, truth = out.labels > 0, out.truth > 0
-        dices.append(dice(predicted, truth))
-        ious.append(iou(predicted, truth))
-    return float(np.mean(dices)), float(np.mean(ious))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm.auto import tqdm
-
-    from vi_seg_jax.train.loop import train_and_evaluate
 
     args.out.mkdir(parents=True, exist_ok=True)
     prior = build_prior(args)
@@ -167,15 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for variant, size, repeat in tqdm(runs, desc="transfer runs", disable=args.no_progress or None):
         workdir = args.out / "runs" / f"{variant}-n{size}-r{repeat}"
-        if not (workdir / "summary.json").exists():
-            config = target_config(args, variant, size, repeat, prior)
-            resume = (workdir / "checkpoints").is_dir()
-            train_and_evaluate(config, workdir, resume=resume, progress=False, tensorboard=False)
-        dice_value, iou_value = test_scores(workdir, args.samples)
-        rows.append(
-            {"variant": variant, "train_size": size, "repeat": repeat}
-            | {"dice": dice_value, "iou": iou_value}
-        )
+        train_or_reuse(target_config(args, variant, size, repeat, prior), workdir)
+        scores = held_out_dice_iou(workdir, args.samples)
+        rows.append({"variant": variant, "train_size": size, "repeat": repeat, **scores})
         write_results(args.out, rows)
     print((args.out / "dice.md").read_text())
     print(f"results in {args.out}/ (results.csv, dice.md, iou.md, plot)", file=sys.stderr)
@@ -184,36 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def write_results(out: Path, rows: list[dict]) -> None:
     """CSV of every run, Markdown tables of mean ± std (%) and the Dice plot."""
-    import numpy as np
-
     from vi_seg_jax.plots import transfer_figure
 
-    tmp = out / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out / "results.csv")
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    sizes = sorted({r["train_size"] for r in rows})
+    write_csv(out / "results.csv", rows)
     for metric in ("dice", "iou"):
-        lines = ["| variant | " + " | ".join(f"n = {s}" for s in sizes) + " |"]
-        lines.append("|---|" + "---|" * len(sizes))
-        for variant in variants:
-            cells = []
-            for size in sizes:
-                values = [
-                    100 * r[metric]
-                    for r in rows
-                    if r["variant"] == variant and r["train_size"] == size
-                ]
-                cells.append(
-                    f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})"
-                    if values
-                    else ""
-                )
-            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-        (out / f"{metric}.md").write_text("\n".join(lines) + "\n")
+        table = mean_std_table(
+            rows, row_key="variant", column_key="train_size", metric=metric, row_order=VARIANTS
+        )
+        (out / f"{metric}.md").write_text(table)
     transfer_figure(out / "dice_vs_train_size.png", rows)
 
 

@@ -249,3 +249,25 @@ def transfer_figure(path: str | Path, rows: list[dict], metric: str = "dice") ->
     axis.legend()
     figure.tight_layout()
     return _save(figure, path)
+
+
+def methods_figure(path: str | Path, rows: list[dict]) -> Path:
+    """Per method: Dice, ECE and QU-BraTS score side by side (one panel each).
+
+    Args:
+      path: PNG to write.
+      rows: one dict per method with `method`, `dice`, `ece` and `qubrats_score`.
+    """
+    if not rows:
+        raise ValueError("no methods to plot")
+    panels = (("dice", "Dice (higher is better)"), ("ece", "ECE (lower is better)"))
+    panels += (("qubrats_score", "QU-BraTS score (higher is better)"),)
+    names = [r["method"] for r in rows]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for axis, (key, title) in zip(axes, panels, strict=True):
+        axis.bar(names, [r[key] for r in rows], color="tab:blue")
+        axis.set_title(title)
+        axis.tick_params(axis="x", rotation=30)
+        axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _save(figure, path)
