@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--source-runs", type=Path, nargs="+", help="trained deterministic runs to reuse")
     add("--sources", type=int, default=2, help="source networks to train (seeds 0..S-1)")
     add("--source-steps", type=int, default=200, help="training steps per source network")
-    add("--vae-steps", type=int, default=3000, help="VAE training steps per layer group")
+    add("--vae-steps", type=int, default=10_000, help="VAE training steps per layer group")
     add("--latent-dim", type=int, default=6, help="VAE latent size")
     add("--vae-learning-rate", type=float, default=5e-4, help="Adam step size of the VAEs")
     add("--seed", type=int, default=0, help="seed of the VAEs")
