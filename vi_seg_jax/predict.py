@@ -224,8 +224,11 @@ class Predictor:
 
             def add(sums, state, volume, key, chunk):
                 sample_fn = volume_sample_fn(sample_fn_for(spec, state), window, dims)
-                # Several samples at once vmap per-sample kernels: batched GEMMs win there.
-                with conv_impl("gemm" if self.chunk_size > 1 else "auto"):
+                # Several VI samples or ensemble members at once vmap per-sample kernels:
+                # batched GEMMs win there. MC dropout shares its weights, so vmapped samples
+                # simply fold into the batch of the usual convolutions.
+                per_sample_kernels = self.model.config.method.method in ("vi", "ensemble")
+                with conv_impl("gemm" if self.chunk_size > 1 and per_sample_kernels else "auto"):
                     return add_samples(
                         sums,
                         sample_fn,
