@@ -59,7 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--test-size", type=int, default=10, help="fixed target test cases")
     add("--validation-size", type=int, default=5, help="fixed target validation cases")
     add("--source-steps", type=int, default=200, help="steps per source network (new prior)")
-    add("--vae-steps", type=int, default=10_000, help="VAE steps per layer group (new prior)")
+    add("--vae-steps", type=int, default=20_000, help="VAE steps per layer group (new prior)")
     add("--samples", type=int, default=4, help="Monte Carlo samples at test time (VI, DWP)")
     add("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
