@@ -25,6 +25,7 @@ RECOVERY_CONFIG = vae.VAEConfig(
     learning_rate=3e-3,
     steps=2000,
     beta_warmup_steps=400,
+    validate_every=0,  # capacity, not early stopping, is under test here
 )
 
 
@@ -331,3 +332,22 @@ def test_shapes(spatial_dims):
         vae.encode(params, config, jnp.zeros((n, dim + 1), jnp.float32))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(params, config, jnp.zeros((n, 5), jnp.float32))
+
+
+def test_early_stopping_validates_on_a_share_of_the_training_kernels():
+    kernels = 0.05 * np.random.default_rng(3).normal(size=(200, 9)).astype(np.float32)
+    base = {"spatial_dims": 2, "latent_dim": 2, "hidden": 8, "steps": 300}
+    base |= {"beta_warmup_steps": 100}
+    _, stopped = vae.train_vae(
+        kernels, vae.VAEConfig(**base, validate_every=50), jax.random.key(0), progress=False
+    )
+    _, plain = vae.train_vae(
+        kernels, vae.VAEConfig(**base, validate_every=0), jax.random.key(0), progress=False
+    )
+    assert (stopped["heldout_kernels"], stopped["validation_kernels"]) == (20, 18)
+    assert stopped["train_kernels"] == 200 - 20 - 18
+    # The kept parameters are those of a validation point after the warm-up.
+    assert stopped["best_step"] in (100, 150, 200, 250, 300)
+    assert np.isfinite(stopped["heldout_neg_elbo"])
+    assert (plain["validation_kernels"], plain["best_step"]) == (0, 300)
+    assert plain["train_kernels"] == 180
