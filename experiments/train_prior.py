@@ -176,6 +176,12 @@ def _plain(value):
         return value
 
 
+def _count(report: dict) -> int:
+    return int(
+        sum(report.get(k, 0) for k in ("train_kernels", "validation_kernels", "heldout_kernels"))
+    )
+
+
 def _table(reports: dict, groups: dict) -> str:
     lines = [
         "| group | layers | kernels | held-out −ELBO (VAE) | −log N(0, σ²) | better |",
@@ -185,7 +191,7 @@ def _table(reports: dict, groups: dict) -> str:
         r = reports[name]
         vae, normal = r["heldout_neg_elbo"], r["heldout_normal_neg_log_lik"]
         lines.append(
-            f"| {name} | {len(paths)} | {int(r['train_kernels'] + r['heldout_kernels'])} | "
+            f"| {name} | {len(paths)} | {_count(r)} | "
             f"{vae:.2f} | {normal:.2f} | {'VAE' if vae < normal else 'N(0, σ²)'} |"
         )
     return "\n".join(lines)
