@@ -27,6 +27,7 @@ from vi_seg_jax.data.discovery import BadCaseWarning, CaseFiles, Dataset
 from vi_seg_jax.data.loading import load_case
 from vi_seg_jax.data.preprocess import GridMapping, PreprocessConfig, preprocess
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.io.folders import replace_folder
 
 CACHE_FORMAT_VERSION = 1
 
@@ -170,21 +171,10 @@ def _build(
             "has_label": result.label is not None,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-        _replace_folder(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Renames `new` to `target`, moving an old `target` aside first (rename is atomic)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _open(case: CaseFiles, folder: Path) -> PreparedCase:

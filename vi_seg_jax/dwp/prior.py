@@ -38,6 +38,7 @@ from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.dwp.kernels import default_groups, path_name
 from vi_seg_jax.dwp.vae import VAEConfig, decoder_neg_log_prob, encode, load_vae, save_vae
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.io.folders import replace_folder
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -154,9 +155,7 @@ def write_prior(
             "reports": reports,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
+        replace_folder(staging, directory)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

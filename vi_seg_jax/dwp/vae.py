@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,6 +43,7 @@ from numpyro.distributions.kl import kl_divergence
 from tqdm.auto import tqdm
 
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.io.folders import replace_folder
 
 LOG_VAR_MIN = -12.0
 LOG_VAR_MAX = 4.0
@@ -452,22 +452,10 @@ def save_vae(directory: str | Path, params: Params, config: VAEConfig) -> None:
             checkpointer.wait_until_finished()
         document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        _replace_directory(tmp, directory)
+        replace_folder(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    # A directory cannot be renamed over a non-empty one: move the old one aside first,
-    # so that at every moment one complete VAE exists under one of the two names.
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_vae(directory: str | Path) -> tuple[Params, VAEConfig]:
