@@ -74,6 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.train_sizes) < 1 or args.repeats < 1 or args.samples < 1:
         parser.error("--train-sizes, --repeats and --samples must be >= 1")
+    if args.table == "methods" and "dwp" in args.methods and args.prior_dir is None:
+        parser.error("--methods dwp needs --prior-dir (python -m experiments.train_prior)")
     return args
 
 
@@ -89,8 +91,6 @@ def run_config(args: argparse.Namespace, backbone: str, method: str, size: int, 
     if method == "mc_dropout":
         backbone_overrides["dropout_rate"] = 0.1
     if method == "dwp":
-        if args.prior_dir is None:
-            raise SystemExit("the methods table's dwp needs --prior-dir (experiments.train_prior)")
         top.update(prior="dwp", prior_dir=str(args.prior_dir.absolute()))
         method_overrides["guide"] = dataclasses.replace(config.method.guide, init_log_var=-10.0)
     data = {"patch_shape": patch, "batch_size": batch, "train_size": size}

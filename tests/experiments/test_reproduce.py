@@ -3,6 +3,7 @@
 import csv
 
 import jax
+import pytest
 
 from experiments import reproduce
 from vi_seg_jax.data.synthetic import write_dataset
@@ -40,3 +41,10 @@ def test_paper_numbers_sit_beside_the_cells():
         reference=lambda b, n: reproduce.PAPER[("dice", b)].get(n),
     )
     assert table.splitlines()[-1] == "| unet | 50.0 ± 0.0 (1) (paper 53.1) |"
+
+
+def test_the_methods_table_needs_a_prior_for_dwp(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.parse_args(["--table", "methods", "--out", "x"])
+    assert exit_info.value.code == 2
+    assert "--methods dwp needs --prior-dir" in capsys.readouterr().err.splitlines()[-1]
