@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.parallel import DistributedConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -44,3 +46,31 @@ def run_cli(
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(status or 0)
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """`--devices` and the flags that join a multi-process (multi-host) run."""
+    add = parser.add_argument
+    add(
+        "--devices",
+        type=int,
+        help="data-parallel devices (default: all of them; in training, all that divide "
+        "--batch-size evenly)",
+    )
+    add(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run detected by JAX (Cloud TPU pod slice, SLURM, Open MPI)",
+    )
+    add("--coordinator-address", metavar="HOST:PORT", help="process 0's address (multi-node)")
+    add("--num-processes", type=int, help="processes in the multi-process run")
+    add("--process-id", type=int, help="this process's index, 0 .. --num-processes - 1")
+
+
+def distributed_config(args: argparse.Namespace) -> DistributedConfig:
+    return DistributedConfig(
+        auto=args.distributed,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )

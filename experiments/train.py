@@ -16,9 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.common import run_cli
+from experiments.common import add_device_flags, distributed_config, run_cli
 from experiments.configs import PRESETS, get_config, with_overrides
 from vi_seg_jax.backbones import BACKBONES
+from vi_seg_jax.parallel import data_mesh, initialize_distributed
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.loop import TrainingError, train_and_evaluate
 from vi_seg_jax.train.metrics_log import TENSORBOARD_DIR
@@ -125,6 +126,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         "--features", type=int, nargs="+", metavar="C", help="channels per level, e.g. 16 32 64 128"
     )
     add("--seed", type=int, default=0, help="training seed (the data split has its own fixed seed)")
+    add(
+        "--precision",
+        choices=("fp32", "bf16"),
+        help="bf16: bfloat16 forward/backward passes, float32 weights, optimiser and loss",
+    )
+    add_device_flags(parser)
     add("--resume", action="store_true", help="continue from the workdir's last checkpoint")
     add("--no-progress", action="store_true", help="no progress bar")
     add(
@@ -180,7 +187,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         schedule["validation_samples"] = args.validation_samples
     if args.patience is not None:
         schedule["patience_epochs"] = args.patience or None
-    top = {"seed": args.seed}
+    top = {"seed": args.seed, "devices": args.devices}
+    if args.precision:
+        top["precision"] = args.precision
     if args.task:
         top["likelihood"] = dataclasses.replace(config.likelihood, task=args.task)
     if args.prior:
@@ -233,7 +242,9 @@ def _check(config: TrainConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, args = parse_args(argv)
     try:
+        initialize_distributed(distributed_config(args))
         config = config_from_args(args)
+        data_mesh(config.devices, batch_size=config.data.batch_size)
     except ValueError as error:
         parser.error(str(error))
     method = config.method.method

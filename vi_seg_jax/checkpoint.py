@@ -82,17 +82,28 @@ def read_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict[s
 
 
 def restore_checkpoint(
-    manager: ocp.CheckpointManager, like: TrainState, step: int | None = None
+    manager: ocp.CheckpointManager,
+    like: TrainState,
+    step: int | None = None,
+    *,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restores the state at `step` (latest when None) into the structure of `like`.
 
     `like` may be a concrete state or `jax.eval_shape` of one; shapes and dtypes must match,
-    so a checkpoint of another backbone or configuration fails here.
+    so a checkpoint of another backbone or configuration fails here. `sharding`: where
+    every restored array goes (e.g. replicated over the run's mesh; each process of a
+    multi-process run reads what its devices hold); None: this process's first device.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise DataError(manager.directory, "no checkpoint found")
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _saveable_abstract(like))
+    # An explicit target sharding: a checkpoint written on N devices restores on any count.
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        _saveable_abstract(like),
+    )
     restored = manager.restore(
         step,
         args=ocp.args.Composite(

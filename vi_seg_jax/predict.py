@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from vi_seg_jax.backbones import conv_impl
@@ -40,15 +41,18 @@ from vi_seg_jax.data.preprocess import preprocess, to_original_grid
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.inference import WindowConfig, volume_sample_fn
 from vi_seg_jax.io.nifti import read_nifti_header, write_nifti
+from vi_seg_jax.parallel import batch_sharded, replicated
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.loop import backbone_multiple, build_spec, preprocess_config_for
 from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
 from vi_seg_jax.uncertainty import (
     Predictive,
     add_samples,
+    add_samples_per_device,
     empty_sums,
     num_chunks,
     sample_fn_for,
+    sum_devices,
     summarize,
 )
 
@@ -199,8 +203,14 @@ class Predictor:
         window_size: int = DEFAULT_WINDOW,
         overlap: float = 0.25,
         tile_batch: int = 1,
+        mesh: Mesh | None = None,
     ):
         self.model = model
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.devices = 1 if self.mesh is None else self.mesh.size
+        self.state = (
+            model.state if self.mesh is None else jax.device_put(model.state, replicated(self.mesh))
+        )
         self.num_samples = num_samples or model.default_samples()
         self.chunk_size = min(chunk_size, self.num_samples)
         multiple = backbone_multiple(model.config)
@@ -228,23 +238,28 @@ class Predictor:
                 # batched GEMMs win there. MC dropout shares its weights, so vmapped samples
                 # simply fold into the batch of the usual convolutions.
                 per_sample_kernels = self.model.config.method.method in ("vi", "ensemble")
+                sizes = dict(chunk_size=self.chunk_size, num_samples=self.num_samples, task=task)
                 with conv_impl("gemm" if self.chunk_size > 1 and per_sample_kernels else "auto"):
-                    return add_samples(
-                        sums,
-                        sample_fn,
-                        volume,
-                        key,
-                        chunk,
-                        chunk_size=self.chunk_size,
-                        num_samples=self.num_samples,
-                        task=task,
+                    if self.mesh is None:
+                        return add_samples(sums, sample_fn, volume, key, chunk, **sizes)
+                    return add_samples_per_device(
+                        self.mesh, sums, sample_fn, volume, key, chunk, **sizes
                     )
 
             def init(state, volume, key):
                 sample_fn = volume_sample_fn(sample_fn_for(spec, state), window, dims)
-                return empty_sums(sample_fn, volume, key)
+                sums = empty_sums(sample_fn, volume, key)
+                if self.mesh is None:
+                    return sums
+                # One set of running sums per device, stacked along the mesh axis.
+                stack = lambda x: jnp.broadcast_to(x, (self.devices, *x.shape))  # noqa: E731
+                return jax.tree_util.tree_map(stack, sums)
 
-            self._compiled[window] = (jax.jit(init), jax.jit(add, donate_argnums=(0,)))
+            shardings = {} if self.mesh is None else {"out_shardings": batch_sharded(self.mesh)}
+            self._compiled[window] = (
+                jax.jit(init, **shardings),
+                jax.jit(add, donate_argnums=(0,)),
+            )
         return self._compiled[window]
 
     def predictive(
@@ -257,13 +272,14 @@ class Predictor:
         padded = np.pad(volume, padding)
         window = self.window_for(bucketed)
         init, add = self._chunk_fn(window)
-        state, padded = self.model.state, jnp.asarray(padded)
+        state, padded = self.state, jnp.asarray(padded)
         sums = init(state, padded, key)
-        for chunk in range(num_chunks(self.num_samples, self.chunk_size)):
-            sums = add(sums, state, padded, key, jnp.asarray(chunk))
+        per_step = self.chunk_size * self.devices
+        for step in range(num_chunks(self.num_samples, per_step)):
+            sums = add(sums, state, padded, key, jnp.asarray(step))
             if progress is not None:
-                progress(min((chunk + 1) * self.chunk_size, self.num_samples))
-        out = summarize(sums, self.model.task)
+                progress(min((step + 1) * per_step, self.num_samples))
+        out = summarize(sums if self.mesh is None else sum_devices(sums), self.model.task)
         crop = tuple(slice(0, s) for s in shape)
         return Predictive(*(np.asarray(field)[crop] for field in out))
 

@@ -13,6 +13,11 @@ Samples are drawn in chunks (`jax.lax.scan` over chunks, `jax.vmap` inside one) 
 into running sums, so memory is bounded by the chunk size whatever T is. A sample is one
 coherent network: for VI one full draw of the weights (the same draw for every tile of a
 volume), for MC dropout one dropout mask, for an ensemble one member.
+
+Over a device mesh the chunks are dealt out along its `data` axis (device d takes chunks
+d, d + D, ...) and the per-device sums are added at the end. Sample t is drawn from
+`fold_in(key, t)` wherever it runs, so the result is the single-device one up to the order
+of the final sums, and each device holds one chunk's activations at a time.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from vi_seg_jax.bayes.elbo import Task, probabilities
 from vi_seg_jax.bayes.guide import merge_params, sample_kernels
 from vi_seg_jax.bayes.layers import apply_backbone, apply_sampled
+from vi_seg_jax.parallel import DATA_AXIS
 from vi_seg_jax.train.state import ModelSpec, TrainState
 
 _TINY = 1e-12
@@ -125,6 +133,7 @@ def posterior_predictive(
     num_samples: int,
     chunk_size: int = 1,
     task: Task = "wt",
+    mesh: Mesh | None = None,
 ) -> Predictive:
     """T samples of the network on `images`, reduced with running sums.
 
@@ -133,16 +142,71 @@ def posterior_predictive(
       images: [B, *S, C] (or one volume, for `inference.volume_sample_fn`).
       key: fixes every sample (sample t uses `fold_in(key, t)`).
       num_samples: T.
-      chunk_size: samples evaluated together (vmapped); memory grows with it, not T.
+      chunk_size: samples evaluated together (vmapped) per device; memory grows with it,
+        not T.
       task: how probabilities are normalised (for the entropies).
+      mesh: spread the samples over this mesh's `data` axis (None: one device).
 
     Returns:
       The per-voxel predictive outputs.
     """
+    devices = 1 if mesh is None else mesh.size
 
-    def add_chunk(sums: PredictiveSums, chunk: jax.Array) -> tuple[PredictiveSums, None]:
-        sums = add_samples(
-            sums,
+    def device_sums(images: jax.Array, key: jax.Array, device, start) -> PredictiveSums:
+        def add_chunk(sums: PredictiveSums, step: jax.Array) -> tuple[PredictiveSums, None]:
+            sums = add_samples(
+                sums,
+                sample_fn,
+                images,
+                key,
+                step * devices + device,
+                chunk_size=chunk_size,
+                num_samples=num_samples,
+                task=task,
+            )
+            return sums, None
+
+        steps = jnp.arange(num_chunks(num_samples, chunk_size * devices))
+        sums, _ = jax.lax.scan(add_chunk, start, steps)
+        return sums
+
+    if devices == 1:
+        return summarize(device_sums(images, key, 0, empty_sums(sample_fn, images, key)), task)
+
+    def on_device(images: jax.Array, key: jax.Array) -> PredictiveSums:
+        # Each device's running sums differ (they are "varying" along the mesh axis).
+        start = jax.lax.pcast(empty_sums(sample_fn, images, key), (DATA_AXIS,), to="varying")
+        sums = device_sums(images, key, jax.lax.axis_index(DATA_AXIS), start)
+        return jax.lax.psum(sums, DATA_AXIS)
+
+    sums = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P()), out_specs=P())(images, key)
+    return summarize(sums, task)
+
+
+def add_samples_per_device(
+    mesh: Mesh,
+    sums: PredictiveSums,
+    sample_fn: SampleFn,
+    images: jax.Array,
+    key: jax.Array,
+    step: jax.Array,
+    *,
+    chunk_size: int,
+    num_samples: int,
+    task: Task,
+) -> PredictiveSums:
+    """`add_samples` on every device of `mesh`: device d adds chunk `step * D + d`.
+
+    `sums` holds one set of sums per device, stacked along a leading axis sharded along
+    `data` (`empty_sums` broadcast to [D, ...]); `sum_devices` reduces them.
+    """
+    devices = mesh.size
+
+    def on_device(sums: PredictiveSums, images: jax.Array, key: jax.Array) -> PredictiveSums:
+        own = jax.tree_util.tree_map(lambda x: x[0], sums)
+        chunk = step * devices + jax.lax.axis_index(DATA_AXIS)
+        own = add_samples(
+            own,
             sample_fn,
             images,
             key,
@@ -151,11 +215,17 @@ def posterior_predictive(
             num_samples=num_samples,
             task=task,
         )
-        return sums, None
+        return jax.tree_util.tree_map(lambda x: x[None], own)
 
-    chunks = jnp.arange(num_chunks(num_samples, chunk_size))
-    sums, _ = jax.lax.scan(add_chunk, empty_sums(sample_fn, images, key), chunks)
-    return summarize(sums, task)
+    split = P(DATA_AXIS)
+    return jax.shard_map(on_device, mesh=mesh, in_specs=(split, P(), P()), out_specs=split)(
+        sums, images, key
+    )
+
+
+def sum_devices(sums: PredictiveSums) -> PredictiveSums:
+    """Per-device sums [D, ...] (`add_samples_per_device`) → one set of sums."""
+    return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
 
 
 def sample_fn_for(spec: ModelSpec, state: TrainState) -> SampleFn:

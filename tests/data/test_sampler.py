@@ -163,6 +163,19 @@ def test_iterate_batches_resumes_from_position():
     assert not np.array_equal(full[0].images, full[1].images)
 
 
+@pytest.mark.parametrize("patch_shape", [(6, 6, 6), (8, 8)])
+def test_rows_are_the_same_rows_of_the_whole_batch(patch_shape):
+    """Processes of a multi-process run each read their rows; together they are the batch."""
+    images, labels = make_volumes(seed=6)
+    sampler = PatchSampler(images, labels, patch_shape=patch_shape, batch_size=6)
+    key = jax.random.key(3)
+    whole = sampler.batch_at(key, 2)
+    parts = [sampler.batch_at(key, 2, rows=slice(a, a + 2)) for a in (0, 2, 4)]
+    for field, expected in zip(Batch._fields, whole, strict=True):
+        joined = np.concatenate([getattr(part, field) for part in parts])
+        np.testing.assert_array_equal(joined, expected, err_msg=field)
+
+
 def test_key_types():
     images, labels = make_volumes()
     sampler = PatchSampler(images, labels, patch_shape=(4, 4, 4), batch_size=2)

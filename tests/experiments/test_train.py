@@ -133,7 +133,16 @@ def _final_params(workdir):
 
     manager = checkpoint_manager(workdir / "checkpoints")
     step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Onto this process's device, whatever devices wrote the checkpoint.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = ocp.StandardCheckpointer().metadata(workdir / "checkpoints" / str(step) / "state")
+    target = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        saved.item_metadata,
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
     return step, restored
 
 
@@ -205,6 +214,8 @@ def test_resume_refuses_another_backbone(tmp_path, data_dir):
         (["--patch", "16", "16"], "--patch needs 3 numbers"),
         (["--steps", "x"], "invalid int value"),
         (["--validation-size", "0"], "--validation-size must be >= 1"),
+        (["--devices", "4"], "--devices 4: 1 device(s) available"),
+        (["--precision", "fp16"], "invalid choice: 'fp16'"),
     ],
 )
 def test_bad_flags_are_one_line_errors_with_exit_code_2(tmp_path, data_dir, flags, message):
@@ -222,3 +233,55 @@ def test_bad_data_is_a_one_line_error_with_exit_code_2(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir()
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path, data_dir):
+    """jax.distributed on localhost: two CPU processes of one device each."""
+    steps = ["--steps", "6"]
+    multi = tmp_path / "multi"
+    join = ["--coordinator-address", f"localhost:{_free_port()}", "--num-processes", "2"]
+    processes = [
+        subprocess.Popen(
+            _command(data_dir, multi, *steps, *join, "--process-id", str(index)),
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+
+    single = tmp_path / "single"
+    env = {**_env(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run(
+        _command(data_dir, single, *steps, "--devices", "2"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    step_a, state_a = _final_params(multi)
+    step_b, state_b = _final_params(single)
+    assert step_a == step_b == 6
+    leaves_a, leaves_b = _leaves(state_a["state"]), _leaves(state_b["state"])
+    assert len(leaves_a) == len(leaves_b) > 10
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Process 0 alone logs: every step once.
+    logged = [r["step"] for r in _records(multi) if "loss" in r]
+    assert logged == [r["step"] for r in _records(single) if "loss" in r]
+    assert json.loads((multi / "summary.json").read_text())["steps"] == 6
+    assert "final val Dice" in outputs[0][0]

@@ -102,13 +102,15 @@ class PatchSampler:
         """2 for axial-slice patches, 3 for volume patches."""
         return len(self.patch_shape)
 
-    def sample_batch(self, key: jax.Array) -> Batch:
+    def sample_batch(self, key: jax.Array, rows: slice | None = None) -> Batch:
         """Draws one batch; the same key always gives the same batch.
 
         Args:
           key: a typed JAX key (`jax.random.key(seed)`), scalar. A legacy raw
             `uint32[2]` key (`jax.random.PRNGKey`) is accepted too and gives the same
             batch as the typed key with the same key data.
+          rows: only these rows of the batch (one process's share of a multi-process
+            batch); the draw is the whole batch's, so rows are the same whoever reads them.
 
         Returns:
           A `Batch` of `images [B, *P, C]` float32, `labels [B, *P]` uint8 and the
@@ -116,11 +118,14 @@ class PatchSampler:
         """
         rng = _numpy_rng(key)
         cases, centres, forced = self._draw_centres(rng)
+        rows = slice(0, self.batch_size) if rows is None else rows
+        cases, centres, forced = cases[rows], centres[rows], forced[rows]
+        size = len(cases)
         extent = self._extent()
-        images = np.zeros((self.batch_size, *extent, self.num_channels), dtype=np.float32)
-        labels = np.zeros((self.batch_size, *extent), dtype=np.uint8)
-        starts = np.zeros((self.batch_size, 3), dtype=np.int64)
-        for item in range(self.batch_size):
+        images = np.zeros((size, *extent, self.num_channels), dtype=np.float32)
+        labels = np.zeros((size, *extent), dtype=np.uint8)
+        starts = np.zeros((size, 3), dtype=np.int64)
+        for item in range(size):
             case = int(cases[item])
             shape = self.labels[case].shape
             starts[item] = patch_start(centres[item], extent, shape)
@@ -130,9 +135,9 @@ class PatchSampler:
             images, labels = images[:, :, :, 0], labels[:, :, :, 0]
         return Batch(images, labels, cases, centres, starts, forced)
 
-    def batch_at(self, key: jax.Array, index: int) -> Batch:
+    def batch_at(self, key: jax.Array, index: int, rows: slice | None = None) -> Batch:
         """Batch number `index` of the stream `iterate_batches(key)`: `fold_in(key, index)`."""
-        return self.sample_batch(jax.random.fold_in(_as_typed_key(key), index))
+        return self.sample_batch(jax.random.fold_in(_as_typed_key(key), index), rows)
 
     def iterate_batches(
         self, key: jax.Array, num_batches: int | None = None, *, start: int = 0

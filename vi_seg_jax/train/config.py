@@ -109,6 +109,8 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: bfloat16 compute, float32 weights
+    devices: int | None = None  # data-parallel devices; None: all that divide the batch
     preset: str = "custom"
 
     def optim(self) -> OptimConfig:

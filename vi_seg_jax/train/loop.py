@@ -10,6 +10,13 @@ the train state. So a run resumed from its last checkpoint replays exactly the b
 noise of an uninterrupted run and reaches bitwise the same parameters (on the same machine
 and software).
 
+Devices: the batch is sharded over a mesh of `config.devices` devices (default: all that
+divide the batch evenly), the state replicated (`vi_seg_jax.parallel`); the result does not
+depend on the device count beyond the order of float reductions. In a multi-process run
+every process runs this same function; each supplies its rows of every batch, and only
+process 0 writes logs, summaries and figures (checkpoints go through Orbax's multi-host
+saving).
+
 Workdir contents: `config.json`, `splits.json`, `metrics.jsonl` (one JSON object per line,
 each with `step`), `summary.json`, `validation.png`, `checkpoints/`, `calibration.json`
 (per-region temperatures fitted on the validation cases for the best checkpoint) and `tensorboard/`
@@ -51,6 +58,7 @@ from vi_seg_jax.data.sampler import PatchSampler
 from vi_seg_jax.data.splits import make_splits
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.metrics import dice, expected_calibration_error, iou
+from vi_seg_jax.parallel import data_mesh, global_batch, is_primary, process_rows, replicated
 from vi_seg_jax.plots import uncertainty_figure
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.metrics_log import MetricsLog, read_records
@@ -60,7 +68,7 @@ from vi_seg_jax.uncertainty import Predictive, posterior_predictive, sample_fn_f
 
 LOG_EVERY_STEPS = 10
 # Config fields that may change between a run and its resumption.
-_RESUMABLE_CHANGES = {("schedule", "steps"), ("schedule", "patience_epochs")}
+_RESUMABLE_CHANGES = {("schedule", "steps"), ("schedule", "patience_epochs"), ("devices",)}
 
 
 class TrainingError(RuntimeError):
@@ -94,7 +102,7 @@ def build_spec(config: TrainConfig, num_data: float, *, with_prior: bool = True)
         prior = _deep_weight_prior(config, backbone, prior)
     elif config.prior not in ("normal", "dwp"):
         raise ValueError(f"unknown prior {config.prior!r}; available: normal, dwp")
-    return ModelSpec(backbone, config.method, objective, config.optim(), prior)
+    return ModelSpec(backbone, config.method, objective, config.optim(), prior, config.precision)
 
 
 def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):
@@ -224,13 +232,19 @@ def train_and_evaluate(
     if resume and manager.latest_step() is not None:
         _check_same_run(read_meta(manager)["config"], config, checkpoints)
 
+    primary = is_primary()
+    progress = progress and primary
+    mesh = data_mesh(config.devices, batch_size=config.data.batch_size)
+    shared = replicated(mesh)
+    rows = process_rows(mesh, config.data.batch_size)
     dataset, splits, train_cases, validation_cases = load_data(config, progress=progress)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", config.to_dict())
-    _write_json(
-        workdir / "splits.json",
-        {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()},
-    )
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_json(workdir / "config.json", config.to_dict())
+        _write_json(
+            workdir / "splits.json",
+            {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()},
+        )
 
     sampler = PatchSampler(
         [case.image for case in train_cases],
@@ -244,18 +258,19 @@ def train_and_evaluate(
     )
     spec = build_spec(config, num_data)
     init_key, _, eval_key, data_key = jax.random.split(jax.random.key(config.seed), 4)
-    state = create_train_state(init_key, spec, sampler.batch_at(data_key, 0).images)
+    sample_images = sampler.batch_at(data_key, 0, rows).images
+    state = create_train_state(init_key, spec, sample_images, shared)
     if config.init_from:
-        state = _init_from_run(state, config)
+        state = jax.device_put(_init_from_run(state, config), shared)
     if config.dwp_init:
-        state = _init_from_prior(state, spec, init_key)
+        state = jax.device_put(_init_from_prior(state, spec, init_key), shared)
     progress_state = _Progress()
     if resume and manager.latest_step() is not None:
-        state, meta = restore_checkpoint(manager, state)
+        state, meta = restore_checkpoint(manager, state, sharding=shared)
         progress_state = _Progress(**meta["progress"])
 
-    train_step = make_train_step(spec)
-    validate, predict, samples = _validator(spec, config, validation_cases, eval_key)
+    train_step = make_train_step(spec, mesh)
+    validate, predict, samples = _validator(spec, config, validation_cases, eval_key, mesh)
     schedule = config.schedule
     validate_every = schedule.validate_every_epochs * schedule.steps_per_epoch
     patience = (
@@ -272,10 +287,13 @@ def train_and_evaluate(
         unit="step",
         disable=None if progress else True,
     )
-    with bar, MetricsLog(workdir, first_step, tensorboard=tensorboard) as log:
+    log = MetricsLog(workdir, first_step, tensorboard=tensorboard, enabled=primary)
+    last_validation = None
+    with bar, log:
         for step in range(first_step, schedule.steps):
-            batch = sampler.batch_at(data_key, step)
-            state, metrics = train_step(state, (batch.images, batch.labels))
+            batch = sampler.batch_at(data_key, step, rows)
+            arrays = global_batch(mesh, (batch.images, batch.labels), config.data.batch_size)
+            state, metrics = train_step(state, arrays)
             done = step + 1
             if done % LOG_EVERY_STEPS == 0 or done == schedule.steps or done % validate_every == 0:
                 values = {k: float(v) for k, v in metrics.items()}
@@ -293,7 +311,7 @@ def train_and_evaluate(
                 )
             bar.update(1)
             if done % validate_every == 0 or done == schedule.steps:
-                result = validate(state)
+                result = last_validation = validate(state)
                 log.write({"step": done, **result})
                 if result["val_dice"] > progress_state.best_val_dice:
                     progress_state = _Progress(result["val_dice"], done, done)
@@ -313,7 +331,9 @@ def train_and_evaluate(
                     )
                     break
 
-        final = [r for r in read_records(log.path) if "val_dice" in r][-1]
+        if last_validation is None:  # resumed after the last step: read the run's log
+            last_validation = [r for r in read_records(log.path) if "val_dice" in r][-1]
+        final = last_validation
         summary = {
             "backbone": config.backbone.name,
             "method": config.method.method,
@@ -329,16 +349,20 @@ def train_and_evaluate(
         }
         best_state = state
         if 0 < progress_state.best_step != int(state.step):
-            best_state, _ = restore_checkpoint(manager, state, progress_state.best_step)
+            best_state, _ = restore_checkpoint(
+                manager, state, progress_state.best_step, sharding=shared
+            )
         calibration = _calibrate(best_state, predict, validation_cases, config.likelihood.task)
-        _write_json(workdir / CALIBRATION_FILE, {"step": int(best_state.step), **calibration})
         summary["temperature"] = calibration["temperature"]
         summary["val_ece_before_calibration"] = calibration["ece_before"]
         summary["val_ece_after_calibration"] = calibration["ece_after"]
-        _write_json(workdir / "summary.json", summary)
-        figure = workdir / "validation.png"
-        _figure(figure, predict(state, 0), validation_cases[0], config, samples)
-        log.image(int(state.step), "validation", figure)
+        figure_maps = predict(state, 0)  # every process takes part in the computation
+        if primary:
+            _write_json(workdir / CALIBRATION_FILE, {"step": int(best_state.step), **calibration})
+            _write_json(workdir / "summary.json", summary)
+            figure = workdir / "validation.png"
+            _figure(figure, figure_maps, validation_cases[0], config, samples)
+            log.image(int(state.step), "validation", figure)
     return summary
 
 
@@ -376,7 +400,9 @@ def _check_same_run(saved: dict, config: TrainConfig, checkpoints: Path) -> None
                         f"checkpoint was written with {section}.{name}={old!r}, this run has {value!r}; "
                         "use the same settings to resume or another --workdir",
                     )
-        elif _jsonable(saved.get(section)) != _jsonable(values):
+        elif (section,) not in _RESUMABLE_CHANGES and _jsonable(saved.get(section)) != _jsonable(
+            values
+        ):
             raise DataError(
                 checkpoints,
                 f"checkpoint was written with {section}={saved.get(section)!r}, this run has {values!r}; "
@@ -400,9 +426,16 @@ def _from_batch(array: jax.Array, spatial_dims: int) -> np.ndarray:
 
 
 def _validator(
-    spec: ModelSpec, config: TrainConfig, cases: list[PreparedCase], eval_key: jax.Array
+    spec: ModelSpec,
+    config: TrainConfig,
+    cases: list[PreparedCase],
+    eval_key: jax.Array,
+    mesh=None,
 ):
-    """A function state -> {val_dice, val_iou} (means over validation volumes)."""
+    """A function state -> {val_dice, val_iou} (means over validation volumes).
+
+    The Monte Carlo samples are spread over `mesh`'s devices.
+    """
     dims = config.backbone.spatial_dims
     # Pad every validation volume to one shape so the predictive compiles once.
     shape = tuple(np.max([c.image.shape[:3] for c in cases], axis=0))
@@ -420,6 +453,7 @@ def _validator(
             key,
             num_samples=samples,
             task=spec.objective.likelihood.task,
+            mesh=mesh,
         )
 
     def predict(state: TrainState, index: int) -> Predictive:

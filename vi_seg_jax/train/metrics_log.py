@@ -70,24 +70,30 @@ class MetricsLog:
     """Appends records (`{"step": ..., name: value, ...}`) to `metrics.jsonl` and TensorBoard.
 
     Opening it at `first_step` drops whatever the log holds after that step. Use as a
-    context manager.
+    context manager. `enabled=False` (processes other than 0 of a multi-process run)
+    writes nothing.
     """
 
-    def __init__(self, workdir: Path, first_step: int, *, tensorboard: bool = True):
+    def __init__(
+        self, workdir: Path, first_step: int, *, tensorboard: bool = True, enabled: bool = True
+    ):
         self.path = workdir / "metrics.jsonl"
+        self._handle = None
+        self._events = None
+        if not enabled:
+            return
         _truncate(self.path, first_step)
         self._handle = open(self.path, "a")
-        self._events = (
-            _EventWriter(workdir / TENSORBOARD_DIR, first_step)
-            if tensorboard and tensorboard_available()
-            else None
-        )
+        if tensorboard and tensorboard_available():
+            self._events = _EventWriter(workdir / TENSORBOARD_DIR, first_step)
 
     @property
     def tensorboard_dir(self) -> Path | None:
         return None if self._events is None else self.path.parent / TENSORBOARD_DIR
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._handle is None:
+            return
         step = record["step"]
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
@@ -99,7 +105,8 @@ class MetricsLog:
             self._events.png(step, tag, png)
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
         if self._events is not None:
             self._events.close()
 

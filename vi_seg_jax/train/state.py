@@ -117,6 +117,11 @@ class ModelSpec:
     objective: ObjectiveConfig = ObjectiveConfig()
     optim: OptimConfig = OptimConfig()
     prior: Prior = NormalPrior()
+    precision: Literal["fp32", "bf16"] = "fp32"  # of the data term's forward/backward pass
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
@@ -134,10 +139,17 @@ class TrainState:
     key: jax.Array  # typed key, split once per step
 
 
-def create_train_state(key: jax.Array, spec: ModelSpec, sample_images: jax.Array) -> TrainState:
-    """Initial state. `sample_images` [B, *S, C] fixes the input shape (values unused)."""
+def create_train_state(
+    key: jax.Array, spec: ModelSpec, sample_images: jax.Array, sharding=None
+) -> TrainState:
+    """Initial state. `sample_images` [B, *S, C] fixes the input shape (values unused).
+
+    `sharding`: where the state's arrays live (e.g. replicated over a mesh); None: the
+    default device.
+    """
     # One compiled initialisation instead of hundreds of small eager operations.
-    return jax.jit(functools.partial(_initial_state, spec=spec))(key, sample_images)
+    init = functools.partial(_initial_state, spec=spec)
+    return jax.jit(init, out_shardings=sharding)(key, sample_images)
 
 
 def _initial_state(key: jax.Array, sample_images: jax.Array, *, spec: ModelSpec) -> TrainState:

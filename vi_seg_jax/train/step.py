@@ -1,8 +1,13 @@
 """The pure training step: `train_step(state, batch) -> (state, metrics)`.
 
-`make_train_step(spec)` jits it with the state donated. Particles are vmapped; the
-ensemble's members are vmapped over their stacked parameters and optimiser states, so
-the K members train in one step on the same batch with their own keys.
+`make_train_step(spec, mesh)` jits it with the state donated; over a device mesh the batch
+is sharded along `data` and the state replicated (`vi_seg_jax.parallel`). Particles are
+vmapped; the ensemble's members are vmapped over their stacked parameters and optimiser
+states, so the K members train in one step on the same batch with their own keys.
+
+Mixed precision (`spec.precision == "bf16"`): the forward and backward passes of the data
+term run in bfloat16 on bfloat16 copies of the weights and images; the float32 weights, the
+optimiser state, the KL term, the loss and every reduction over the batch stay float32.
 """
 
 from __future__ import annotations
@@ -11,16 +16,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import Mesh
+
 from vi_seg_jax.backbones._blocks import active_conv_impl, conv_impl
 from vi_seg_jax.bayes.elbo import hard_dice, kl_scale, scaled_data_term
 from vi_seg_jax.bayes.guide import bayesian_paths, sample_kernels, split_params
 from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled
+from vi_seg_jax.parallel import batch_sharded, replicated
 from vi_seg_jax.train.state import ModelSpec, TrainState
+
+
+def _compute_dtype(tree, spec: ModelSpec):
+    """`tree`'s floating-point leaves in the compute precision (a no-op for fp32)."""
+    if spec.precision == "fp32":
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def _particle_data_terms(trainable, images, labels, key, spec: ModelSpec):
     """Data term per particle [P] and the first particle's logits."""
-    params, guide = trainable["params"], trainable["guide"]
+    params, guide = _compute_dtype(trainable["params"], spec), trainable["guide"]
+    images = _compute_dtype(images, spec)
 
     def one(particle_key):
         noise_key, dropout_key = jax.random.split(particle_key)
@@ -32,17 +50,18 @@ def _particle_data_terms(trainable, images, labels, key, spec: ModelSpec):
             logits, _ = apply_lrt(
                 spec.backbone,
                 params,
-                guide,
+                _compute_dtype(guide, spec),
                 images,
                 key=noise_key,
                 train=True,
                 dropout_key=dropout_key,
             )
         else:
-            kernels = sample_kernels(noise_key, guide)
+            kernels = _compute_dtype(sample_kernels(noise_key, guide), spec)
             logits, _ = apply_sampled(
                 spec.backbone, params, kernels, images, train=True, dropout_key=dropout_key
             )
+        logits = logits.astype(jnp.float32)
         return scaled_data_term(logits, labels, spec.objective), logits
 
     data, logits = jax.vmap(one)(jax.random.split(key, spec.method.num_particles))
@@ -128,11 +147,23 @@ def _conv_impl_for(spec: ModelSpec) -> str:
     return "gemm" if vmapped_kernels and active == "auto" else active
 
 
-def make_train_step(spec: ModelSpec):
-    """`train_step` for `spec`, jitted, with the incoming state's buffers donated."""
+def make_train_step(spec: ModelSpec, mesh: Mesh | None = None):
+    """`train_step` for `spec`, jitted, with the incoming state's buffers donated.
+
+    With `mesh`, the batch is sharded along its `data` axis and state and metrics are
+    replicated; XLA inserts the gradient all-reduce.
+    """
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         with conv_impl(_conv_impl_for(spec)):
             return train_step(state, batch, spec=spec)
 
-    return jax.jit(step, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    shared, split = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(shared, (split, split)),
+        out_shardings=(shared, shared),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,144 @@
+"""Measurements for `test_parallel.py`, run in a process with 8 simulated CPU devices.
+
+The device count is fixed when JAX starts, so the test runs this file in a subprocess with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` and checks the JSON it prints: the
+largest differences between 1-device and N-device training and prediction.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vi_seg_jax.backbones import get_backbone
+from vi_seg_jax.bayes.elbo import LikelihoodConfig, ObjectiveConfig
+from vi_seg_jax.bayes.guide import GuideConfig
+from vi_seg_jax.parallel import data_mesh, global_batch, process_rows, replicated
+from vi_seg_jax.train.state import MethodConfig, ModelSpec, OptimConfig, create_train_state
+from vi_seg_jax.train.step import make_train_step
+from vi_seg_jax.uncertainty import (
+    add_samples,
+    add_samples_per_device,
+    empty_sums,
+    num_chunks,
+    posterior_predictive,
+    sample_fn_for,
+    sum_devices,
+    summarize,
+)
+
+BATCH, STEPS = 8, 3
+
+
+def _spec():
+    net = get_backbone("unet", num_classes=2, spatial_dims=2, features=(4, 8))
+    objective = ObjectiveConfig(LikelihoodConfig(reduction="mean"), num_data=64.0)
+    method = MethodConfig(guide=GuideConfig(init_log_var=-6.0))
+    return ModelSpec(net, method, objective, OptimConfig(learning_rate=1e-2))
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(STEPS, BATCH, 16, 16, 4)).astype(np.float32)
+    labels = (images[..., 0] > 0.5).astype(np.uint8)
+    return images, labels
+
+
+def _train(spec, devices):
+    """Parameters after STEPS steps on `devices` devices (None: plain jit, one device)."""
+    images, labels = _batches()
+    mesh = None if devices is None else data_mesh(devices, batch_size=BATCH)
+    sharding = None if mesh is None else replicated(mesh)
+    state = create_train_state(jax.random.key(0), spec, images[0], sharding)
+    step = make_train_step(spec, mesh)
+    facts = {}
+    for s in range(STEPS):
+        batch = (images[s], labels[s])
+        if mesh is not None:
+            rows = process_rows(mesh, BATCH)
+            batch = global_batch(mesh, (images[s][rows], labels[s][rows]), BATCH)
+            facts["batch_devices"] = len(batch[0].sharding.device_set)
+            facts["state_devices"] = len(
+                jax.tree_util.tree_leaves(state.params)[0].sharding.device_set
+            )
+            if s == 0:
+                hlo = step.lower(state, batch).compile().as_text()
+                facts["all_reduce"] = "all-reduce" in hlo
+        state, _ = step(state, batch)
+    return state, facts
+
+
+def _max_difference(a, b):
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in leaves)
+
+
+def _prediction(spec, state, mesh, num_samples, chunk_size):
+    images = jax.random.normal(jax.random.key(5), (2, 16, 16, 4))
+    sample_fn = sample_fn_for(spec, state)
+    task = spec.objective.likelihood.task
+
+    @jax.jit
+    def scanned(key):
+        return posterior_predictive(
+            sample_fn, images, key, num_samples=num_samples, chunk_size=chunk_size, mesh=mesh
+        )
+
+    def stepped(key):
+        """The Predictor's path: one jitted call per chunk (per device with a mesh)."""
+        sums = empty_sums(sample_fn, images, key)
+        sizes = dict(chunk_size=chunk_size, num_samples=num_samples, task=task)
+        if mesh is None:
+            add = jax.jit(
+                lambda sums, step: add_samples(sums, sample_fn, images, key, step, **sizes)
+            )
+            steps = num_chunks(num_samples, chunk_size)
+        else:
+            sums = jax.tree_util.tree_map(
+                lambda x: jnp.broadcast_to(x, (mesh.size, *x.shape)), sums
+            )
+            add = jax.jit(
+                lambda sums, step: add_samples_per_device(
+                    mesh, sums, sample_fn, images, key, step, **sizes
+                )
+            )
+            steps = num_chunks(num_samples, chunk_size * mesh.size)
+        for step in range(steps):
+            sums = add(sums, jnp.asarray(step))
+        return summarize(sums if mesh is None else sum_devices(sums), task)
+
+    key = jax.random.key(9)
+    return scanned(key), stepped(key)
+
+
+def main():
+    spec = _spec()
+    single, _ = _train(spec, None)
+    report = {"device_count": jax.device_count()}
+    for devices in (2, 8):
+        state, facts = _train(spec, devices)
+        trained = (state.params, state.guide, state.opt_state)
+        difference = _max_difference((single.params, single.guide, single.opt_state), trained)
+        report[f"train_{devices}"] = {"max_difference": difference, **facts}
+    moved = _max_difference(
+        single.guide.loc, create_train_state(jax.random.key(0), spec, _batches()[0][0]).guide.loc
+    )
+    report["train_param_change"] = moved
+
+    for num_samples, chunk_size in ((10, 2), (3, 1)):
+        base_scan, base_step = _prediction(spec, single, None, num_samples, chunk_size)
+        mesh = data_mesh(8)
+        state = jax.device_put(single, replicated(mesh))
+        scan, step = _prediction(spec, state, mesh, num_samples, chunk_size)
+        report[f"predict_T{num_samples}_chunk{chunk_size}"] = {
+            "scan_vs_single": _max_difference(base_scan, scan),
+            "stepped_vs_single": _max_difference(base_scan, step),
+            "single_stepped_vs_scan": _max_difference(base_scan, base_step),
+            "epistemic_max": float(np.max(np.asarray(base_scan.epistemic))),
+        }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
