@@ -15,7 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-
 from jax.sharding import Mesh
 
 from vi_seg_jax.backbones._blocks import active_conv_impl, conv_impl
