@@ -9,6 +9,10 @@ Per case, on the source grid with the source affine (opens in 3D Slicer / ITK-SN
 `wt` model), <case>_unc_{wt,tc,et}.nii.gz (uncertainty in [0, 100], QU-BraTS 2020),
 <case>_aleatoric / _epistemic / _prob.nii.gz (float maps) and <case>_overview.png.
 `OUT/prediction.json` records the checkpoint, step, samples and temperatures used.
+
+The Monte Carlo samples of a case are spread over all devices (`--devices N` for fewer);
+the maps equal one device's up to float rounding. Multi-process runs take the flags of
+`experiments.train`; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.common import run_cli
+from experiments.common import add_device_flags, distributed_config, run_cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -51,6 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--chunk", type=int, default=1, help="samples evaluated together (memory grows with it)")
     add("--skip-bad", action="store_true", help="warn about and skip invalid cases")
     add("--no-progress", action="store_true", help="no progress bars")
+    add_device_flags(parser)
     args = parser.parse_args(argv)
     if args.input is None and args.split is None:
         parser.error("give --input, --split, or both")
@@ -60,6 +65,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--overlap must be in [0, 1)")
     if min(args.window, args.tile_batch, args.chunk) < 1:
         parser.error("--window, --tile-batch and --chunk must be >= 1")
+    from vi_seg_jax.parallel import data_mesh, initialize_distributed
+
+    try:
+        initialize_distributed(distributed_config(args))
+        args.mesh = data_mesh(args.devices)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -69,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vi_seg_jax.data.discovery import discover_cases
     from vi_seg_jax.errors import DataError
+    from vi_seg_jax.parallel import is_primary
     from vi_seg_jax.predict import Predictor, load_trained, read_splits, write_case
 
     model = load_trained(args.checkpoint, args.step)
@@ -93,23 +106,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         window_size=args.window,
         overlap=args.overlap,
         tile_batch=args.tile_batch,
+        mesh=args.mesh,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
+    primary = is_primary()
+    if primary:
+        args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "checkpoint": str(args.checkpoint),
         "input": str(Path(data_dir).absolute()),
         "step": model.step,
         "task": model.task,
         "samples": predictor.num_samples,
+        "devices": predictor.devices,
         "temperature": {r: model.temperatures.get(r, 1.0) for r in model.regions},
         "cases": [],
     }
-    progress = not args.no_progress
+    progress = not args.no_progress and primary
     for case in tqdm(cases, desc="cases", unit="case", disable=None if progress else True):
         prediction = predictor.predict_case(case, progress=progress)
-        write_case(args.out, prediction, model.regions)
         record["cases"].append(case.case_id)
-        _write_json(args.out / "prediction.json", record)
+        if primary:
+            write_case(args.out, prediction, model.regions)
+            _write_json(args.out / "prediction.json", record)
     print(
         f"{len(record['cases'])} case(s), {predictor.num_samples} samples each, "
         f"checkpoint step {model.step}: {args.out}/",

@@ -5,7 +5,9 @@ The device count is fixed when JAX starts, so the test runs this file in a subpr
 largest differences between 1-device and N-device training and prediction.
 """
 
+import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,9 @@ from vi_seg_jax.backbones import get_backbone
 from vi_seg_jax.bayes.elbo import LikelihoodConfig, ObjectiveConfig
 from vi_seg_jax.bayes.guide import GuideConfig
 from vi_seg_jax.parallel import data_mesh, global_batch, process_rows, replicated
+from vi_seg_jax.predict import Predictor, TrainedModel
+from vi_seg_jax.train.config import BackboneConfig, DataConfig, TrainConfig
+from vi_seg_jax.train.loop import build_spec
 from vi_seg_jax.train.state import MethodConfig, ModelSpec, OptimConfig, create_train_state
 from vi_seg_jax.train.step import make_train_step
 from vi_seg_jax.uncertainty import (
@@ -112,6 +117,27 @@ def _prediction(spec, state, mesh, num_samples, chunk_size):
     return scanned(key), stepped(key)
 
 
+def _volume_predictor_difference(devices):
+    """Predictor (3D sliding windows, 5 samples) on `devices` devices against one device."""
+    config = TrainConfig(
+        backbone=BackboneConfig(features=(4, 8)), data=DataConfig(patch_shape=(8, 8, 8))
+    )
+    spec = build_spec(config, num_data=1.0)
+    state = create_train_state(jax.random.key(0), spec, jnp.zeros((1, 8, 8, 8, 4)))
+    wide = jax.tree_util.tree_map(lambda v: v + 4.0, state.guide.log_var)
+    state = state.replace(guide=dataclasses.replace(state.guide, log_var=wide))
+    model = TrainedModel(Path("."), config, spec, state, 0, {})
+    volume = np.asarray(jax.random.normal(jax.random.key(1), (20, 12, 9, 4)))
+    key = jax.random.key(2)
+    kwargs = dict(num_samples=5, window_size=16, chunk_size=2)
+    single = Predictor(model, **kwargs).predictive(volume, key)
+    sharded = Predictor(model, mesh=data_mesh(devices), **kwargs).predictive(volume, key)
+    return {
+        "difference": _max_difference(single, sharded),
+        "epistemic_max": float(np.max(single.epistemic)),
+    }
+
+
 def main():
     spec = _spec()
     single, _ = _train(spec, None)
@@ -137,6 +163,7 @@ def main():
             "single_stepped_vs_scan": _max_difference(base_scan, base_step),
             "epistemic_max": float(np.max(np.asarray(base_scan.epistemic))),
         }
+    report["predictor_4"] = _volume_predictor_difference(4)
     print(json.dumps(report))
 
 

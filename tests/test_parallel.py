@@ -58,6 +58,12 @@ def test_sharded_prediction_equals_single_device(report, case):
     assert run["single_stepped_vs_scan"] < 1e-6
 
 
+def test_sharded_volume_predictor_equals_single_device(report):
+    run = report["predictor_4"]
+    assert run["epistemic_max"] > 1e-5
+    assert run["difference"] < 1e-6
+
+
 def test_data_mesh_checks_devices_and_batch():
     assert data_mesh().size == jax.device_count()
     assert data_mesh(batch_size=3).size == 1

@@ -148,3 +148,21 @@ def test_frozen_layers_get_no_updates():
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
     np.testing.assert_array_equal(updates["params"]["down_3"]["kernel"], 0.0)
     assert np.all(np.asarray(updates["params"]["up_1"]["kernel"]) < 0)
+
+
+def test_bf16_training_computes_in_bfloat16_and_still_learns(sampler):
+    fp32 = _spec("unet")
+    spec = ModelSpec(fp32.backbone, fp32.method, fp32.objective, fp32.optim, precision="bf16")
+    images = jnp.zeros((2, 32, 32, 4), jnp.float32)
+    state = create_train_state(jax.random.key(0), spec, images)
+    step = make_train_step(spec)
+    text = step.lower(state, (images, jnp.zeros((2, 32, 32), jnp.uint8))).as_text()
+    assert "bf16" in text  # the convolutions really run in bfloat16 ...
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(state.guide))
+
+    trained, history = _train(spec, sampler, steps=200)
+    # ... while the weights stay float32 and training converges as in fp32 (test above).
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(trained.guide))
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert _mean(history, "data", "last") < 0.6 * _mean(history, "data", "first")
+    assert _mean(history, "dice", "last") > 0.6
