@@ -3,7 +3,7 @@
 Usage (from the repository root):
   python -m benchmarks.train_step [--backbone unet|vnet|fcn|all] [--patch 64] [--batch 2]
       [--channels 4] [--particles 1] [--estimator lrt|full] [--method vi|deterministic|mc_dropout|ensemble]
-      [--steps 5] [--devices 1] [--spatial-dims 3] [--clock-ghz GHZ]
+      [--steps 5] [--devices 1] [--spatial-dims 3] [--precision fp32|bf16] [--clock-ghz GHZ]
       [--conv-impl auto[,lax,s2d,stacked,summed,fold,fold_stacked,gemm]]
 
 Prints one JSON line per backbone: `seconds_per_step` (median of `--steps` timed steps after
@@ -20,12 +20,16 @@ Peak FLOP/s: on CPU, cores × clock × FLOP/cycle/core. The clock is `cpu MHz` f
 /proc/cpuinfo (`--clock-ghz` overrides it; boost clocks under load can be higher). FLOP/cycle
 for fp32: AVX-512 with two 512-bit FMA units → 64; AVX2+FMA (two 256-bit FMA units) → 32;
 AMD Zen 4 (family 0x19) executes AVX-512 on its two 256-bit FMA units → 32. On a GPU, a
-table of fp32 (non-tensor-core) peaks keyed on the device name (H100 SXM / H200 ~67 TFLOP/s),
-else null.
+table of peaks keyed on the device name: fp32 without tensor cores (H100 SXM / H200 ~67
+TFLOP/s; XLA may run fp32 convolutions as TF32 on tensor cores, so fractions above 1 are
+possible) and dense bf16 tensor cores for `--precision bf16` (H100 SXM / H200 ~989 TFLOP/s),
+else null. `memory_per_device_mb` is XLA's memory analysis of the compiled step (arguments,
+outputs and temporaries on one device); `peak_device_memory_mb` the allocator's peak where
+the device reports it (GPU).
 
 `--devices N` (CPU) forces N host devices (`--xla_force_host_platform_device_count`, set
-before jax is imported) and shards the batch over them (the batch must divide by N); the
-state is replicated, XLA partitions the step. `--conv-impl a,b,...` compiles the step under
+before jax is imported) and trains on the mesh of `vi_seg_jax.parallel` (the batch sharded,
+the state replicated; the batch must divide by N). `--conv-impl a,b,...` compiles the step under
 each `_blocks.conv_impl` choice and times them interleaved, adding `speedup_over_<a>` (the
 median of per-round time ratios: robust on a shared, noisy machine). `peak_rss_mb` is the
 process's peak so far (it includes earlier backbones / choices of the same run).
@@ -70,6 +74,16 @@ GPU_FP32_PEAKS: tuple[tuple[str, float], ...] = (
     ("V100", 15.7e12),
     ("T4", 8.1e12),
 )
+# Dense bfloat16 tensor-core peaks (no sparsity).
+GPU_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +100,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after a warm-up")
     parser.add_argument("--devices", type=int, default=1, help="shard the batch over N devices")
     parser.add_argument("--spatial-dims", type=int, default=3, choices=(2, 3))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument(
         "--conv-impl",
         default="auto",
@@ -152,11 +167,40 @@ def cpu_peak_flops(clock_ghz: float | None = None) -> dict[str, Any]:
     }
 
 
-def gpu_peak_flops(device_kind: str) -> dict[str, Any]:
-    for key, peak in GPU_FP32_PEAKS:
+def gpu_peak_flops(device_kind: str, precision: str = "fp32") -> dict[str, Any]:
+    table, basis = (
+        (GPU_FP32_PEAKS, "fp32 non-tensor")
+        if precision == "fp32"
+        else (GPU_BF16_PEAKS, "bf16 dense tensor")
+    )
+    for key, peak in table:
         if key.lower() in device_kind.lower():
-            return {"peak_flops": peak, "peak_basis": f"table: {key} fp32 non-tensor"}
+            return {"peak_flops": peak, "peak_basis": f"table: {key} {basis}"}
     return {"peak_flops": None, "peak_basis": f"unknown device {device_kind!r}"}
+
+
+def _memory_per_device_mb(compiled) -> float | None:
+    try:
+        memory = compiled.memory_analysis()
+    except Exception:
+        return None
+    if memory is None:
+        return None
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return round(total / 2**20, 1)
+
+
+def _peak_device_memory_mb() -> float | None:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2**20, 1)
 
 
 # --------------------------------------------------------------------------- FLOP counts
@@ -212,11 +256,10 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from vi_seg_jax.backbones import get_backbone
     from vi_seg_jax.backbones._blocks import conv_impl
+    from vi_seg_jax.parallel import batch_sharded, data_mesh, replicated
     from vi_seg_jax.train.state import MethodConfig, ModelSpec, create_train_state
     from vi_seg_jax.train.step import make_train_step
 
@@ -226,24 +269,24 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     spec = ModelSpec(
         backbone,
         MethodConfig(method=args.method, estimator=args.estimator, num_particles=args.particles),
+        precision=args.precision,
     )
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(args.batch, *spatial, args.channels)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 5, size=(args.batch, *spatial)), jnp.uint8)
     mesh = None
     if args.devices > 1:
-        # Auto axes: XLA's sharding propagation partitions the step along the batch.
-        mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-        images = jax.device_put(images, NamedSharding(mesh, P("data")))
-        labels = jax.device_put(labels, NamedSharding(mesh, P("data")))
+        mesh = data_mesh(args.devices, batch_size=args.batch)
+        images = jax.device_put(images, batch_sharded(mesh))
+        labels = jax.device_put(labels, batch_sharded(mesh))
     batch = (images, labels)
 
     t0 = time.perf_counter()
-    state0 = create_train_state(jax.random.key(0), spec, images)
+    state0 = create_train_state(
+        jax.random.key(0), spec, images, None if mesh is None else replicated(mesh)
+    )
     jax.block_until_ready(state0)
     init_seconds = time.perf_counter() - t0
-    if mesh is not None:
-        state0 = jax.device_put(state0, NamedSharding(mesh, P()))
 
     # Nominal conv FLOPs of the same step with XLA's own convs (no rewrites).
     with conv_impl("lax"):
@@ -253,7 +296,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     for impl in args.conv_impl:
         with conv_impl(impl):
             t0 = time.perf_counter()
-            compiled = make_train_step(spec).lower(state0, batch).compile()
+            compiled = make_train_step(spec, mesh).lower(state0, batch).compile()
             compile_seconds = time.perf_counter() - t0
         flops = _xla_flops(compiled, args.devices)
         state = jax.tree.map(jnp.copy, state0)
@@ -262,6 +305,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
         jax.block_until_ready(metrics)
         runs[impl] = {
             "compiled": compiled,
+            "memory_mb": _memory_per_device_mb(compiled),
             "state": state,
             "flops": flops,
             "compile_seconds": compile_seconds,
@@ -307,6 +351,9 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             "estimator": args.estimator,
             "method": args.method,
             "devices": args.devices,
+            "precision": args.precision,
+            "memory_per_device_mb": run["memory_mb"],
+            "peak_device_memory_mb": _peak_device_memory_mb(),
             "conv_impl": impl,
             "device": peak["device"],
             "compile_seconds": round(run["compile_seconds"], 2),
@@ -342,7 +389,10 @@ def main(argv: list[str] | None = None) -> None:
         peak["device"] = f"cpu: {peak.pop('cpu')} ({os.cpu_count()} cores)"
     else:
         kind = jax.devices()[0].device_kind
-        peak = {**gpu_peak_flops(kind), "device": f"{jax.default_backend()}: {kind}"}
+        peak = {
+            **gpu_peak_flops(kind, args.precision),
+            "device": f"{jax.default_backend()}: {kind}",
+        }
     if args.devices > len(jax.devices()):
         raise SystemExit(f"--devices {args.devices}: only {len(jax.devices())} available")
     names = BACKBONE_NAMES if args.backbone == "all" else (args.backbone,)
