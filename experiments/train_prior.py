@@ -10,7 +10,8 @@ synthetic `lesions` domain (small MS-like lesions), any BraTS-layout folder with
 3×3(×3) kernel slices per layer group, dropping those with L2 norm ≤ 1e-2; (3) trains a
 kernel VAE per group (latent 6, Adam 2e-3, batch 512, 20 000 steps, β warm-up; the DWP
 code's 5e-4 / 128 with `--vae-learning-rate 5e-4 --vae-batch-size 128`) and reports its held-out
-ELBO against an N(0, σ²) fit. The folder (manifest.json, kernels/, vae/) is written
+ELBO against an N(0, σ²) fit; a group whose VAE loses keeps that Gaussian as its prior
+(`--always-vae` keeps every VAE). The folder (manifest.json, kernels/, vae/) is written
 atomically. Source runs land in `OUT.sources/` and are reused when the command is rerun.
 """
 
@@ -51,6 +52,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--vae-learning-rate", type=float, default=2e-3, help="Adam step size of the VAEs")
     add("--vae-batch-size", type=int, default=512, help="kernels per VAE step")
     add("--seed", type=int, default=0, help="seed of the VAEs")
+    add(
+        "--always-vae",
+        action="store_true",
+        help="keep every group's VAE; by default a group whose VAE fits its held-out kernels "
+        "worse than N(0, σ²) gets that Gaussian (small groups, where VAEs over-fit)",
+    )
     add("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.sources < 1 or args.source_steps < 1 or args.vae_steps < 1 or args.latent_dim < 1:
@@ -152,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae_params, report = train_vae(rows, config, key, progress=not args.no_progress)
         vaes[name] = (vae_params, config)
         reports[name] = {k: _plain(v) for k, v in report.items()}
+    gaussian_groups = {} if args.always_vae else gaussian_fallbacks(reports, groups)
     reports["sources"] = [str(Path(run).absolute()) for run in runs]
     write_prior(
         args.out,
@@ -161,8 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         kernels=kernels,
         vaes=vaes,
         reports=reports,
+        gaussian_groups=gaussian_groups,
     )
-    print(_table(reports, groups))
+    print(_table(reports, groups, gaussian_groups))
     print(f"prior written to {args.out}/", file=sys.stderr)
     return 0
 
@@ -182,18 +191,25 @@ def _count(report: dict) -> int:
     )
 
 
-def _table(reports: dict, groups: dict) -> str:
+def gaussian_fallbacks(reports: dict, groups: dict) -> dict[str, float]:
+    """Group → σ² for each group whose VAE does not beat N(0, σ²) on held-out kernels."""
+    return {
+        name: reports[name]["normal_variance"]
+        for name in groups
+        if reports[name]["heldout_neg_elbo"] >= reports[name]["heldout_normal_neg_log_lik"]
+    }
+
+
+def _table(reports: dict, groups: dict, gaussian_groups: dict) -> str:
     lines = [
-        "| group | layers | kernels | held-out −ELBO (VAE) | −log N(0, σ²) | better |",
+        "| group | layers | kernels | held-out −ELBO (VAE) | −log N(0, σ²) | prior used |",
         "|---|---|---|---|---|---|",
     ]
     for name, paths in groups.items():
         r = reports[name]
         vae, normal = r["heldout_neg_elbo"], r["heldout_normal_neg_log_lik"]
-        lines.append(
-            f"| {name} | {len(paths)} | {_count(r)} | "
-            f"{vae:.2f} | {normal:.2f} | {'VAE' if vae < normal else 'N(0, σ²)'} |"
-        )
+        used = "N(0, σ²)" if name in gaussian_groups else "VAE"
+        lines.append(f"| {name} | {len(paths)} | {_count(r)} | {vae:.2f} | {normal:.2f} | {used} |")
     return "\n".join(lines)
 
 

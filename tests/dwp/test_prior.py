@@ -142,7 +142,7 @@ def test_kernel_slices_are_channel_pairs_and_small_ones_are_dropped():
     assert collected["g"].shape == (7, 9)
 
 
-def _prior_folder(tmp_path, params, backbone="unet", dims=3, latent=2):
+def _prior_folder(tmp_path, params, backbone="unet", dims=3, latent=2, gaussian_groups=None):
     groups = default_groups(backbone, bayesian_paths(params))
     config = VAEConfig(spatial_dims=dims, latent_dim=latent, hidden=8)
     vaes = {name: (init_vae(jax.random.key(i), config), config) for i, name in enumerate(groups)}
@@ -155,6 +155,7 @@ def _prior_folder(tmp_path, params, backbone="unet", dims=3, latent=2):
         kernels=kernels,
         vaes=vaes,
         reports={},
+        gaussian_groups=gaussian_groups,
     )
 
 
@@ -219,3 +220,59 @@ def test_dwp_initialisation_draws_locations_from_the_vaes(tmp_path):
     np.testing.assert_array_equal(
         initial.log_var["init"]["kernel"], guide.log_var["init"]["kernel"]
     )
+
+
+def test_groups_whose_vae_lost_take_their_gaussian_in_closed_form(tmp_path):
+    _, params = _unet()
+    paths = bayesian_paths(params)
+    names = sorted(default_groups("unet", paths))
+    variance = {names[0]: 0.04, names[3]: 0.25}
+    folder = _prior_folder(tmp_path, params, gaussian_groups=variance)
+    prior = load_prior(folder, backbone="unet", spatial_dims=3, paths=paths)
+    assert prior.gaussian == variance
+    kernels, _ = split_params(params, paths)
+    guide = init_guide(jax.random.key(1), kernels, GuideConfig())
+    key = jax.random.key(2)
+    loc, log_var = _flat(guide.loc), _flat(guide.log_var)
+
+    def closed_form(name):  # KL(N(μ, σ_q²) ‖ N(0, s²)) summed, in NumPy
+        s2 = variance[name]
+        total = 0.0
+        for path in prior.groups[name]:
+            m, v = np.asarray(loc[path], np.float64), np.exp(np.asarray(log_var[path], np.float64))
+            total += np.sum(0.5 * np.log(s2 / v) + (v + m**2) / (2 * s2) - 0.5)
+        return total
+
+    expected = 0.0
+    for group_key, name in zip(jax.random.split(key, 7), names, strict=True):
+        if name in variance:
+            expected += closed_form(name)
+        else:
+            rows = [
+                jnp.concatenate([guide_rows(a[p]) for p in prior.groups[name]])
+                for a in (loc, log_var)
+            ]
+            expected += float(group_kl_bound(*prior.vaes[name], *rows, group_key))
+    assert float(prior.kl(guide, key)) == pytest.approx(expected, rel=1e-5)
+    # DWP initialisation draws those groups' locations from the Gaussian.
+    initial = _flat(init_locations_from_prior(jax.random.key(3), guide, prior).loc)
+    drawn = np.concatenate([np.ravel(initial[p]) for p in prior.groups[names[3]]])
+    assert np.std(drawn) == pytest.approx(0.5, rel=0.1)
+
+
+def test_train_prior_falls_back_where_the_vae_loses():
+    from experiments.train_prior import gaussian_fallbacks
+
+    reports = {
+        "big": {
+            "heldout_neg_elbo": -20.0,
+            "heldout_normal_neg_log_lik": -18.0,
+            "normal_variance": 0.1,
+        },
+        "small": {
+            "heldout_neg_elbo": -15.0,
+            "heldout_normal_neg_log_lik": -16.5,
+            "normal_variance": 0.2,
+        },
+    }
+    assert gaussian_fallbacks(reports, {"big": [], "small": []}) == {"small": 0.2}

@@ -12,6 +12,11 @@ the gap is E_q KL(r_ψ(z|w) ‖ p(z|w)) ≥ 0). H[q] is in closed form. The VAEs
 Slices are evaluated with `jax.lax.map` in chunks, so memory is bounded whatever the
 network's size. Layers no VAE covers keep the N(0, s²) KL.
 
+A group whose VAE fits its held-out source kernels worse than a Gaussian does (small groups
+with few hundred kernels, where a VAE over-fits) gets that Gaussian instead: N(0, σ²_g) with
+σ²_g the maximum-likelihood fit on the group's source kernels, in closed form
+(`gaussian_groups` in the manifest; `experiments.train_prior` decides).
+
 A prior folder (written by `experiments.train_prior`) holds `manifest.json` (backbone,
 spatial dims, kernel size, layer groups, training reports), `kernels/<group>.npy` and
 `vae/<group>/` (Orbax). `load_prior` refuses a folder built for another backbone, kernel
@@ -92,12 +97,14 @@ class DeepWeightPrior:
       groups: group name → the Bayesian kernel paths it covers.
       fallback: the prior of kernels no group covers.
       chunk_size: kernel slices evaluated together.
+      gaussian: group name → σ² for the groups that take N(0, σ²) instead of their VAE.
     """
 
     vaes: dict[str, tuple[Any, VAEConfig]]
     groups: dict[str, tuple[Path, ...]]
     fallback: NormalPrior = NormalPrior()
     chunk_size: int = 4096
+    gaussian: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def kl(self, guide: GuideParams, key: jax.Array | None = None) -> jax.Array:
         if key is None:
@@ -114,6 +121,13 @@ class DeepWeightPrior:
         )
         keys = jax.random.split(key, len(self.groups))
         for group_key, (name, paths) in zip(keys, sorted(self.groups.items()), strict=True):
+            if name in self.gaussian:
+                subset = GuideParams(
+                    loc=traverse_util.unflatten_dict({p: loc[p] for p in paths}),
+                    log_var=traverse_util.unflatten_dict({p: log_var[p] for p in paths}),
+                )
+                total = total + NormalPrior(math.sqrt(self.gaussian[name])).kl(subset)
+                continue
             params, config = self.vaes[name]
             rows_loc = jnp.concatenate([guide_rows(loc[p]) for p in paths])
             rows_log_var = jnp.concatenate([guide_rows(log_var[p]) for p in paths])
@@ -135,8 +149,12 @@ def write_prior(
     kernels: dict[str, np.ndarray],
     vaes: dict[str, tuple[Any, VAEConfig]],
     reports: dict[str, Any],
+    gaussian_groups: dict[str, float] | None = None,
 ) -> FsPath:
-    """Writes a prior folder atomically (built beside the target, then renamed)."""
+    """Writes a prior folder atomically (built beside the target, then renamed).
+
+    `gaussian_groups`: group → σ² of the groups whose prior is N(0, σ²) instead of the VAE.
+    """
     directory = FsPath(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = FsPath(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -152,6 +170,7 @@ def write_prior(
             "spatial_dims": spatial_dims,
             "kernel_size": 3,
             "groups": {name: [path_name(p) for p in paths] for name, paths in groups.items()},
+            "gaussian_groups": dict(gaussian_groups or {}),
             "reports": reports,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -219,7 +238,10 @@ def load_prior(
             raise DataError(directory / "vae" / name, f"VAE for {config.spatial_dims}D kernels")
         vaes[name] = (params, config)
     groups = {name: tuple(tuple(p.split("/")) for p in group) for name, group in expected.items()}
-    return DeepWeightPrior(vaes=vaes, groups=groups, fallback=fallback or NormalPrior())
+    gaussian = {name: float(v) for name, v in manifest.get("gaussian_groups", {}).items()}
+    return DeepWeightPrior(
+        vaes=vaes, groups=groups, fallback=fallback or NormalPrior(), gaussian=gaussian
+    )
 
 
 def _describe(groups: dict[str, list[str]]) -> str:
@@ -239,6 +261,10 @@ def init_locations_from_prior(
         layer_keys = jax.random.split(group_key, len(paths))
         for layer_key, path in zip(layer_keys, paths, strict=True):
             shape = loc[path].shape
+            if name in prior.gaussian:
+                scale = math.sqrt(prior.gaussian[name])
+                loc[path] = scale * jax.random.normal(layer_key, shape, jnp.float32)
+                continue
             rows = sample_kernels(params, config, layer_key, math.prod(shape[-2:]))
             loc[path] = jnp.asarray(rows, jnp.float32).T.reshape(shape)
     return dataclasses.replace(guide, loc=traverse_util.unflatten_dict(loc))
