@@ -18,6 +18,9 @@ jax.config.update(
     ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# Full float32 matmuls and convolutions on GPUs too (not TF32), so that numerical
+# comparisons mean the same on every backend (benchmarks/gpu_check.sh runs tests on a GPU).
+jax.config.update("jax_default_matmul_precision", "highest")
 # Tiny shapes: compilation, not execution, dominates the suite's time.
 jax.config.update("jax_disable_most_optimizations", True)
 

@@ -153,6 +153,9 @@ def test_auto_kernel_gradient_is_a_gemm():
     with conv_impl("auto"):
         jaxpr = jax.make_jaxpr(jax.grad(loss))(w)
     names = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+    if jax.default_backend() != "cpu":  # "auto" is CPU-measured; accelerators keep XLA's convs
+        assert "dot_general" not in names
+        return
     assert "dot_general" in names
     assert "conv_general_dilated" not in names  # the kernel gradient needs no conv
 
