@@ -63,8 +63,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
     monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
     real = loop.make_train_step
 
-    def poisoned(spec):
-        step = real(spec)
+    def poisoned(spec, mesh=None):
+        step = real(spec, mesh)
 
         def run(state, batch):
             state, metrics = step(state, batch)
