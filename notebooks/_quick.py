@@ -39,7 +39,7 @@ TINY_TRAIN = [
     "--patch", "16", "16", "16",
     "--batch-size", "2",
     "--steps-per-epoch", "10",
-    "--steps", "30",
+    "--steps", "20",
     "--validation-samples", "2",
     "--no-progress",
     "--no-tensorboard",

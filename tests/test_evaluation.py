@@ -71,7 +71,9 @@ def test_epistemic_uncertainty_is_higher_on_a_domain_never_trained_on(tmp_path, 
 
     Measured while writing this test (100 steps): mean epistemic variance away from the
     abnormality 0.0008 in-domain vs 0.0024 on the lesions domain; over the whole brain the
-    order is reversed (0.0057 vs 0.0034) because large tumours carry more boundary.
+    order is reversed (0.0057 vs 0.0034) because large tumours carry more boundary. With the
+    40 steps of 2 epochs used here (ending half-way through the 4-epoch KL warm-up, as the
+    100 steps did): 0.0017 vs 0.0050, best validation Dice 0.82.
     """
     monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
     tumours, lesions = tmp_path / "tumours", tmp_path / "lesions"
@@ -81,7 +83,7 @@ def test_epistemic_uncertainty_is_higher_on_a_domain_never_trained_on(tmp_path, 
     argv = [
         "--data-dir", str(tumours), "--workdir", str(workdir),
         "--spatial-dims", "2", "--patch", "64", "64", "--batch-size", "8",
-        "--steps", "100", "--steps-per-epoch", "50",
+        "--steps", "40", "--steps-per-epoch", "20",
         "--test-size", "3", "--validation-size", "1", "--train-size", "6",
         "--no-progress", "--no-tensorboard",
     ]  # fmt: skip

@@ -12,10 +12,10 @@ from vi_seg_jax.data.synthetic import write_dataset
 def test_dice_iou_table_has_every_backbone_and_size_beside_the_paper(tmp_path, monkeypatch):
     monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
-    write_dataset(data, num_cases=5, shape=(32, 32, 24), seed=2)
+    write_dataset(data, num_cases=4, shape=(32, 32, 24), seed=2)
     argv = ["--table", "dice-iou", "--out", str(tmp_path / "out"), "--data-dir", str(data)]
     argv += ["--backbones", "unet", "fcn", "--train-sizes", "1", "2", "--repeats", "1"]
-    argv += ["--steps", "2", "--features", "4", "8", "--samples", "1", "--no-progress"]
+    argv += ["--steps", "1", "--features", "4", "8", "--samples", "1", "--no-progress"]
     argv += ["--test-size", "1", "--validation-size", "1"]
     with jax.numpy_dtype_promotion("standard"):
         assert reproduce.main(argv) == 0

@@ -22,7 +22,7 @@ def prior(tmp_path_factory):
     write_dataset(source, num_cases=4, domain="lesions", shape=(32, 32, 24), seed=6)
     out = root / "prior"
     argv = ["--backbone", "unet", "--out", str(out), "--source-data-dir", str(source), *TINY]
-    argv += ["--sources", "2", "--source-steps", "4", "--vae-steps", "30"]
+    argv += ["--sources", "2", "--source-steps", "2", "--vae-steps", "10"]
     with jax.numpy_dtype_promotion("standard"):
         assert train_prior.main(argv) == 0
     return out
@@ -54,8 +54,8 @@ def test_train_with_the_deep_weight_prior_end_to_end(prior, tmp_path, monkeypatc
     write_dataset(data, num_cases=4, shape=(32, 32, 24), seed=1)
     workdir = tmp_path / "run"
     argv = ["--data-dir", str(data), "--workdir", str(workdir), *TINY, "--batch-size", "2"]
-    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2", "--steps", "4"]
-    argv += ["--steps-per-epoch", "2", "--validation-samples", "1", "--no-tensorboard"]
+    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2", "--steps", "2"]
+    argv += ["--steps-per-epoch", "1", "--validation-samples", "1", "--no-tensorboard"]
     argv += ["--prior", "dwp", "--prior-dir", str(prior), "--dwp-init"]
     with jax.numpy_dtype_promotion("standard"):
         assert train.main(argv) == 0
@@ -117,8 +117,8 @@ def test_fine_tuning_from_a_source_run_keeps_frozen_layers(prior, tmp_path, monk
     write_dataset(data, num_cases=4, shape=(32, 32, 24), seed=1)
     workdir = tmp_path / "run"
     argv = ["--data-dir", str(data), "--workdir", str(workdir), *TINY, "--batch-size", "2"]
-    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2", "--steps", "3"]
-    argv += ["--steps-per-epoch", "3", "--no-tensorboard", "--method", "deterministic"]
+    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2", "--steps", "2"]
+    argv += ["--steps-per-epoch", "2", "--no-tensorboard", "--method", "deterministic"]
     argv += ["--init-from", str(source), "--freeze", "down_3", "down_4"]
     with jax.numpy_dtype_promotion("standard"):
         assert train.main(argv) == 0
