@@ -29,6 +29,8 @@ import statistics
 import sys
 import time
 
+from benchmarks.train_step import memory_per_device_mb
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,19 +49,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     return args
-
-
-def _memory_mb(compiled) -> float | None:
-    memory = compiled.memory_analysis()
-    if memory is None:
-        return None
-    total = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
-    return round(total / 2**20, 1)
 
 
 def _setups(args: argparse.Namespace) -> dict[int, dict]:
@@ -99,8 +88,8 @@ def _setups(args: argparse.Namespace) -> dict[int, dict]:
             "predictor": predictor,
             "state": state,
             "batch": batch,
-            "train_memory_per_device_mb": _memory_mb(step),
-            "predict_memory_per_device_mb": _memory_mb(predictor),
+            "train_memory_per_device_mb": memory_per_device_mb(step),
+            "predict_memory_per_device_mb": memory_per_device_mb(predictor),
             "train_times": [],
             "predict_times": [],
         }

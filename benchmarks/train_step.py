@@ -179,7 +179,8 @@ def gpu_peak_flops(device_kind: str, precision: str = "fp32") -> dict[str, Any]:
     return {"peak_flops": None, "peak_basis": f"unknown device {device_kind!r}"}
 
 
-def _memory_per_device_mb(compiled) -> float | None:
+def memory_per_device_mb(compiled) -> float | None:
+    """Arguments + outputs + temporaries of a compiled function on one device (XLA's analysis)."""
     try:
         memory = compiled.memory_analysis()
     except Exception:
@@ -305,7 +306,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
         jax.block_until_ready(metrics)
         runs[impl] = {
             "compiled": compiled,
-            "memory_mb": _memory_per_device_mb(compiled),
+            "memory_mb": memory_per_device_mb(compiled),
             "state": state,
             "flops": flops,
             "compile_seconds": compile_seconds,
