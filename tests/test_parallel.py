@@ -75,6 +75,8 @@ def test_data_mesh_checks_devices_and_batch():
 
 def test_distributed_flags_are_checked_before_joining():
     initialize_distributed(DistributedConfig())  # not asked for: nothing happens
+    with pytest.raises(ValueError, match="need --coordinator-address or --distributed"):
+        initialize_distributed(DistributedConfig(num_processes=2, process_id=0))
     with pytest.raises(ValueError, match="--num-processes and --process-id"):
         initialize_distributed(DistributedConfig(coordinator_address="localhost:1234"))
     with pytest.raises(ValueError, match=r"--process-id must be in \[0, 2\)"):

@@ -58,6 +58,10 @@ def initialize_distributed(config: DistributedConfig) -> None:
     Must run before any other JAX call of the process.
     """
     if not config.enabled:
+        if config.num_processes is not None or config.process_id is not None:
+            raise ValueError(
+                "--num-processes and --process-id need --coordinator-address or --distributed"
+            )
         return
     explicit = (config.coordinator_address, config.num_processes, config.process_id)
     if config.coordinator_address is not None and None in explicit:
