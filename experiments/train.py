@@ -82,6 +82,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         help="initialise the posterior means with samples of the deep weight prior",
     )
     add(
+        "--dwp-train-encoder",
+        action="store_true",
+        help="train the deep weight prior's encoders jointly with the posterior, tightening "
+        "the KL bound (Algorithm 1); the decoders stay frozen",
+    )
+    add(
         "--estimator",
         choices=("lrt", "full"),
         help="VI gradient estimator: local reparameterisation or full weight sampling",
@@ -198,6 +204,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         top["prior_dir"] = str(Path(args.prior_dir).absolute())
     if args.dwp_init:
         top["dwp_init"] = True
+    if args.dwp_train_encoder:
+        top["dwp_train_encoder"] = True
     if args.init_from:
         top["init_from"] = str(Path(args.init_from).absolute())
     if args.freeze:
@@ -233,6 +241,8 @@ def _check(config: TrainConfig) -> None:
         raise ValueError("--prior-dir is only used with --prior dwp")
     if config.dwp_init and config.prior != "dwp":
         raise ValueError("--dwp-init needs --prior dwp")
+    if config.dwp_train_encoder and config.prior != "dwp":
+        raise ValueError("--dwp-train-encoder needs --prior dwp")
     if config.data.validation_size < 1:
         raise ValueError("--validation-size must be >= 1 (validation picks the best checkpoint)")
     if config.data.batch_size < 1:

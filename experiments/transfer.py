@@ -12,7 +12,9 @@ of the whole tumour on the same fixed test cases:
 - PRf: as PR with the middle of the encoder frozen (down stages from the second level on,
   and the bottleneck);
 - VI: variational, N(0, 1) prior;
-- DWP: variational, deep weight prior learnt on the source networks' kernels.
+- DWP: variational, deep weight prior learnt on the source networks' kernels;
+- DWP-E: as DWP, with the prior's encoders trained jointly with the posterior
+  (Algorithm 1's option; the decoders stay frozen).
 
 The source networks and the prior come from `experiments.train_prior` (built into
 `OUT/prior` on the synthetic lesions domain unless `--prior-dir` is given). Writes
@@ -33,7 +35,7 @@ from experiments.configs import get_config, with_overrides
 from experiments.studies import held_out_dice_iou, mean_std_table, train_or_reuse, write_csv
 from vi_seg_jax.backbones import get_backbone
 
-VARIANTS = ("RI", "PR", "PRf", "VI", "DWP")
+VARIANTS = ("RI", "PR", "PRf", "VI", "DWP", "DWP-E")
 # Per preset: (spatial dims, patch, batch, steps) of every target run.
 _PRESETS = {"quick": (2, (64, 64), 8, 150), "paper": (3, (128, 128, 128), 1, 20_000)}
 
@@ -72,12 +74,14 @@ def target_config(args: argparse.Namespace, variant: str, size: int, repeat: int
     dims, patch, batch, steps = _PRESETS[args.preset]
     config = get_config(args.backbone, args.preset)
     source_run = prior.with_name(f"{prior.name}.sources") / "seed0"
-    method = {"method": "vi" if variant in ("VI", "DWP") else "deterministic"}
+    method = {"method": "vi" if variant in ("VI", "DWP", "DWP-E") else "deterministic"}
     top: dict = {"seed": repeat}
     if variant in ("PR", "PRf"):
         top["init_from"] = str(source_run.absolute())
-    if variant == "DWP":
-        top.update(prior="dwp", prior_dir=str(prior.absolute()))
+    if variant in ("DWP", "DWP-E"):
+        top.update(
+            prior="dwp", prior_dir=str(prior.absolute()), dwp_train_encoder=variant == "DWP-E"
+        )
         method["guide"] = dataclasses.replace(config.method.guide, init_log_var=-10.0)
     data = {"patch_shape": patch, "batch_size": batch, "train_size": size}
     data.update(train_repeat=repeat, test_size=args.test_size, validation_size=args.validation_size)

@@ -87,6 +87,7 @@ def restore_checkpoint(
     step: int | None = None,
     *,
     sharding: jax.sharding.Sharding | None = None,
+    partial: bool = False,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restores the state at `step` (latest when None) into the structure of `like`.
 
@@ -94,6 +95,8 @@ def restore_checkpoint(
     so a checkpoint of another backbone or configuration fails here. `sharding`: where
     every restored array goes (e.g. replicated over the run's mesh; each process of a
     multi-process run reads what its devices hold); None: this process's first device.
+    `partial`: the checkpoint may hold more than `like` (prediction leaves out a trained
+    prior's parameters); everything `like` holds must still be in it.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -104,13 +107,25 @@ def restore_checkpoint(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         _saveable_abstract(like),
     )
+    if partial:
+        state_args = ocp.args.PyTreeRestore(
+            abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+    else:
+        state_args = ocp.args.StandardRestore(abstract)
     restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
+        step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
     )
     state = restored["state"]
+    missing = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+        if isinstance(leaf, jax.ShapeDtypeStruct)  # what a partial restore did not find
+    ]
+    if missing:
+        raise ValueError(f"the checkpoint holds no {', '.join(missing[:3])}")
     return state.replace(key=jax.random.wrap_key_data(state.key)), restored["meta"]
 
 

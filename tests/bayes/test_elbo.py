@@ -28,7 +28,13 @@ from vi_seg_jax.bayes.guide import (
 )
 from vi_seg_jax.bayes.layers import apply_sampled
 from vi_seg_jax.bayes.priors import NormalPrior
-from vi_seg_jax.train.state import MethodConfig, ModelSpec, TrainState, create_train_state
+from vi_seg_jax.train.state import (
+    MethodConfig,
+    ModelSpec,
+    TrainState,
+    create_train_state,
+    trainable_tree,
+)
 from vi_seg_jax.train.step import loss_fn
 
 NUM_DATA = 10
@@ -99,7 +105,7 @@ def test_agrees_with_numpyro_trace_elbo_within_monte_carlo_error(tiny):
 def test_train_step_loss_is_the_negative_elbo(tiny):
     net, rest, guide, images, labels, *_ = tiny
     spec = ModelSpec(net, MethodConfig(method="vi", estimator="full"), TRUE_NLL)
-    trainable = {"params": rest, "guide": guide}
+    trainable = trainable_tree(rest, guide, None)
     key = jax.random.key(4)
     loss, metrics = loss_fn(trainable, images, labels, key, jnp.zeros((), jnp.int32), spec)
     data_key, _ = jax.random.split(key)
@@ -111,7 +117,7 @@ def test_train_step_loss_is_the_negative_elbo(tiny):
 
 def test_particles_vmapped_equal_a_python_loop(tiny):
     net, rest, guide, images, labels, *_ = tiny
-    trainable = {"params": rest, "guide": guide}
+    trainable = trainable_tree(rest, guide, None)
     step = jnp.zeros((), jnp.int32)
     key = jax.random.key(9)
     for estimator in ("lrt", "full"):

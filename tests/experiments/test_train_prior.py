@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from experiments import train, train_prior
+from vi_seg_jax.checkpoint import checkpoint_manager, restore_checkpoint
 from vi_seg_jax.data.synthetic import write_dataset
 from vi_seg_jax.dwp.vae import load_vae
+from vi_seg_jax.predict import load_trained
+from vi_seg_jax.train.config import TrainConfig
+from vi_seg_jax.train.loop import build_spec
+from vi_seg_jax.train.state import create_train_state
 
 TINY = ["--features", "4", "8", "8", "16", "--patch", "16", "16", "16", "--no-progress"]
 
@@ -22,7 +27,8 @@ def prior(tmp_path_factory):
     write_dataset(source, num_cases=4, domain="lesions", shape=(32, 32, 24), seed=6)
     out = root / "prior"
     argv = ["--backbone", "unet", "--out", str(out), "--source-data-dir", str(source), *TINY]
-    argv += ["--sources", "2", "--source-steps", "2", "--vae-steps", "10"]
+    # Every group keeps its VAE (ten VAE steps lose to the Gaussian fit everywhere).
+    argv += ["--sources", "2", "--source-steps", "2", "--vae-steps", "10", "--always-vae"]
     with jax.numpy_dtype_promotion("standard"):
         assert train_prior.main(argv) == 0
     return out
@@ -48,22 +54,54 @@ def test_prior_folder_holds_a_vae_per_group_and_the_kernels(prior):
     assert not list(prior.parent.glob(".prior.*"))  # nothing half-written
 
 
-def test_train_with_the_deep_weight_prior_end_to_end(prior, tmp_path, monkeypatch):
+def _restored(workdir):
+    """The prior and the latest train state of a run, restored in full."""
+    config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    spec = build_spec(config, num_data=1.0)
+    sample = jax.ShapeDtypeStruct((1, *config.data.patch_shape, 4), jax.numpy.float32)
+    like = jax.eval_shape(lambda x: create_train_state(jax.random.key(0), spec, x), sample)
+    state, _ = restore_checkpoint(checkpoint_manager(workdir / "checkpoints"), like)
+    return spec.prior, state
+
+
+def test_train_with_the_deep_weight_prior_and_its_encoders_end_to_end(prior, tmp_path, monkeypatch):
     monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
     write_dataset(data, num_cases=4, shape=(32, 32, 24), seed=1)
-    workdir = tmp_path / "run"
-    argv = ["--data-dir", str(data), "--workdir", str(workdir), *TINY, "--batch-size", "2"]
-    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2", "--steps", "2"]
-    argv += ["--steps-per-epoch", "1", "--validation-samples", "1", "--no-tensorboard"]
-    argv += ["--prior", "dwp", "--prior-dir", str(prior), "--dwp-init"]
+    argv = ["--data-dir", str(data), *TINY, "--batch-size", "2", "--no-tensorboard"]
+    argv += ["--test-size", "1", "--validation-size", "1", "--train-size", "2"]
+    argv += ["--steps-per-epoch", "1", "--validation-samples", "1", "--learning-rate", "1e-2"]
+    argv += ["--prior", "dwp", "--prior-dir", str(prior), "--dwp-init", "--dwp-train-encoder"]
+    workdir = tmp_path / "whole"
     with jax.numpy_dtype_promotion("standard"):
-        assert train.main(argv) == 0
+        assert train.main([*argv, "--workdir", str(workdir), "--steps", "3"]) == 0
+        resumed = ["--workdir", str(tmp_path / "resumed")]
+        assert train.main([*argv, *resumed, "--steps", "2"]) == 0
+        assert train.main([*argv, *resumed, "--steps", "3", "--resume"]) == 0
     config = json.loads((workdir / "config.json").read_text())
-    assert config["prior"] == "dwp" and config["dwp_init"]
+    assert config["prior"] == "dwp" and config["dwp_init"] and config["dwp_train_encoder"]
     assert config["method"]["guide"]["init_log_var"] == -10.0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["kl"]) and np.isfinite(r["loss"]) for r in records if "kl" in r)
+
+    dwp, state = _restored(workdir)
+    initial = dwp.init_params()
+    assert set(state.prior_params) == set(initial) == set(dwp.groups)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), state.prior_params, initial)
+    assert min(jax.tree.leaves(moved)) > 0  # every encoder layer was trained
+    _, resumed_state = _restored(tmp_path / "resumed")
+    for a, b in zip(
+        jax.tree.leaves(state.prior_params),
+        jax.tree.leaves(resumed_state.prior_params),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # restored, not re-initialised
+
+    # Prediction needs neither the encoders nor the prior folder.
+    model = load_trained(workdir)
+    assert model.state.prior_params is None
+    for a, b in zip(jax.tree.leaves(model.state.guide), jax.tree.leaves(state.guide), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _train_cli(tmp_path, *args):
@@ -106,11 +144,11 @@ def test_prior_flags_are_checked(tmp_path):
     assert result.returncode == 2 and "--prior-dir" in result.stderr
     result = _train_cli(tmp_path, "--prior", "dwp", "--prior-dir", "x", "--method", "ensemble")
     assert result.returncode == 2 and "--method vi" in result.stderr
+    result = _train_cli(tmp_path, "--dwp-train-encoder")
+    assert result.returncode == 2 and "--dwp-train-encoder needs --prior dwp" in result.stderr
 
 
 def test_fine_tuning_from_a_source_run_keeps_frozen_layers(prior, tmp_path, monkeypatch):
-    from vi_seg_jax.predict import load_trained
-
     monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
     source = prior.with_name(f"{prior.name}.sources") / "seed0"
     data = tmp_path / "data"

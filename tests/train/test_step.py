@@ -139,15 +139,18 @@ def test_steps_over_per_member_kernels_avoid_grouped_convs(method, kwargs):
 
 
 def test_frozen_layers_get_no_updates():
-    from vi_seg_jax.train.state import make_optimizer
+    from vi_seg_jax.train.state import make_optimizer, trainable_tree
 
-    params = {"params": {"down_3": {"kernel": jnp.ones(3)}, "up_1": {"kernel": jnp.ones(3)}}}
+    layers = {"down_3": {"kernel": jnp.ones(3)}, "up_1": {"kernel": jnp.ones(3)}}
+    # A prior's parameters named like a layer (DWP groups are named "up_2", ...) still train.
+    params = trainable_tree(layers, None, {"down_3": {"enc_out": jnp.ones(2)}})
     optimizer = make_optimizer(OptimConfig(learning_rate=0.1, frozen=("down_3",)))
     grads = jax.tree.map(jnp.ones_like, params)
     with jax.numpy_dtype_promotion("standard"):
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
     np.testing.assert_array_equal(updates["params"]["down_3"]["kernel"], 0.0)
     assert np.all(np.asarray(updates["params"]["up_1"]["kernel"]) < 0)
+    assert np.all(np.asarray(updates["prior"]["down_3"]["enc_out"]) < 0)
 
 
 def test_bf16_training_computes_in_bfloat16_and_still_learns(sampler):

@@ -7,8 +7,10 @@ p(w) = ∫ p_φ(w|z) N(z; 0, I) dz of a kernel VAE, −log p(w) ≤ E_{r_ψ(z|w)
     KL(q ‖ p) ≤ −H[q] + E_{ŵ~q} [ E_{ẑ~r(z|ŵ)}[−log p_φ(ŵ|ẑ)] + KL(r_ψ(z|ŵ) ‖ N(0, I)) ],
 
 estimated with one reparameterised ŵ and one ẑ per slice (Atanov et al. 2019, Algorithm 1;
-the gap is E_q KL(r_ψ(z|w) ‖ p(z|w)) ≥ 0). H[q] is in closed form. The VAEs are frozen
-(decoder and encoder): the bound holds for any encoder, training it would only tighten it.
+the gap is E_q KL(r_ψ(z|w) ‖ p(z|w)) ≥ 0). H[q] is in closed form. The decoders are
+frozen. The encoders are frozen too unless `train_encoder` (Algorithm 1's option): the bound
+holds for any encoder, so minimising it over ψ jointly with q only tightens it. Their
+parameters are then the prior's `init_params()`, kept in the train state and optimised with q.
 Slices are evaluated with `jax.lax.map` in chunks, so memory is bounded whatever the
 network's size. Layers no VAE covers keep the N(0, s²) KL.
 
@@ -41,7 +43,15 @@ from flax import traverse_util
 from vi_seg_jax.bayes.guide import GuideParams, Path
 from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.dwp.kernels import default_groups, path_name
-from vi_seg_jax.dwp.vae import VAEConfig, decoder_neg_log_prob, encode, load_vae, save_vae
+from vi_seg_jax.dwp.vae import (
+    VAEConfig,
+    decoder_neg_log_prob,
+    encode,
+    encoder_params,
+    load_vae,
+    save_vae,
+    with_encoder,
+)
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.io.folders import replace_folder
 
@@ -98,6 +108,8 @@ class DeepWeightPrior:
       fallback: the prior of kernels no group covers.
       chunk_size: kernel slices evaluated together.
       gaussian: group name → σ² for the groups that take N(0, σ²) instead of their VAE.
+      train_encoder: the VAEs' encoders are trained with q (their parameters come in through
+        `kl`'s `params`, starting from `init_params()`).
     """
 
     vaes: dict[str, tuple[Any, VAEConfig]]
@@ -105,8 +117,25 @@ class DeepWeightPrior:
     fallback: NormalPrior = NormalPrior()
     chunk_size: int = 4096
     gaussian: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_encoder: bool = False
 
-    def kl(self, guide: GuideParams, key: jax.Array | None = None) -> jax.Array:
+    def init_params(self) -> dict[str, Any] | None:
+        """Group name → its VAE's encoder params (the trained part), or None when frozen."""
+        if not self.train_encoder:
+            return None
+        return {
+            name: encoder_params(self.vaes[name][0])
+            for name in sorted(self.groups)
+            if name not in self.gaussian
+        }
+
+    def kl(
+        self,
+        guide: GuideParams,
+        key: jax.Array | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> jax.Array:
+        """The bound; `params`: group → trained encoder params (the VAE's own when absent)."""
         if key is None:
             raise ValueError("the deep weight prior's KL bound is stochastic: pass a key")
         loc = traverse_util.flatten_dict(dict(guide.loc))
@@ -128,11 +157,13 @@ class DeepWeightPrior:
                 )
                 total = total + NormalPrior(math.sqrt(self.gaussian[name])).kl(subset)
                 continue
-            params, config = self.vaes[name]
+            vae_params, config = self.vaes[name]
+            if params is not None and name in params:
+                vae_params = with_encoder(vae_params, params[name])
             rows_loc = jnp.concatenate([guide_rows(loc[p]) for p in paths])
             rows_log_var = jnp.concatenate([guide_rows(log_var[p]) for p in paths])
             total = total + group_kl_bound(
-                params, config, rows_loc, rows_log_var, group_key, self.chunk_size
+                vae_params, config, rows_loc, rows_log_var, group_key, self.chunk_size
             )
         return total
 
@@ -201,6 +232,7 @@ def load_prior(
     spatial_dims: int,
     paths: tuple[Path, ...],
     fallback: NormalPrior | None = None,
+    train_encoder: bool = False,
 ) -> DeepWeightPrior:
     """The prior of a folder, checked against the target network.
 
@@ -240,7 +272,11 @@ def load_prior(
     groups = {name: tuple(tuple(p.split("/")) for p in group) for name, group in expected.items()}
     gaussian = {name: float(v) for name, v in manifest.get("gaussian_groups", {}).items()}
     return DeepWeightPrior(
-        vaes=vaes, groups=groups, fallback=fallback or NormalPrior(), gaussian=gaussian
+        vaes=vaes,
+        groups=groups,
+        fallback=fallback or NormalPrior(),
+        gaussian=gaussian,
+        train_encoder=train_encoder,
     )
 
 

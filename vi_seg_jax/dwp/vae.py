@@ -49,6 +49,7 @@ LOG_VAR_MIN = -12.0
 LOG_VAR_MAX = 4.0
 ENCODER_CHANNELS = 32
 ENCODER_CONV_SIZE = 3
+ENCODER_MODULES = ("enc_conv", "enc_hidden", "enc_out")  # `KernelVAE`'s r_ψ(z|w)
 EVAL_SAMPLES = 8  # z samples averaged in the reported −ELBO estimates
 EVAL_CHUNK = 4096  # kernels per evaluation call; one fixed shape, so one compilation
 LOG_EVERY_STEPS = 100
@@ -240,6 +241,16 @@ def decode(params: Params, config: VAEConfig, z) -> tuple[jax.Array, jax.Array]:
     """z [n, L] → (μ_w, log σ²_w), each [n, D]."""
     z = _as_latents(z, config)
     return KernelVAE(config).apply({"params": params}, z, method=KernelVAE.decode)
+
+
+def encoder_params(params: Params) -> Params:
+    """The encoder's part of a VAE's params (r_ψ: what Algorithm 1 may go on training)."""
+    return {name: value for name, value in params.items() if name in ENCODER_MODULES}
+
+
+def with_encoder(params: Params, encoder: Params) -> Params:
+    """`params` with its encoder replaced by `encoder` (the decoder is kept)."""
+    return {**params, **encoder}
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -99,6 +99,7 @@ class TrainConfig:
     prior: Literal["normal", "dwp"] = "normal"
     prior_dir: str | None = None  # the deep weight prior's folder (`prior="dwp"`)
     dwp_init: bool = False  # posterior means start from the prior's VAE samples
+    dwp_train_encoder: bool = False  # the prior's encoders are trained with q (Algorithm 1)
     init_from: str | None = None  # a trained deterministic run whose weights start this one
     frozen_layers: tuple[str, ...] = ()  # top-level layers never updated (fine-tuning)
     likelihood: LikelihoodConfig = LikelihoodConfig()

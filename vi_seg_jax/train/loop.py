@@ -121,6 +121,7 @@ def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):
         spatial_dims=dims,
         paths=bayesian_paths(shapes),
         fallback=fallback,
+        train_encoder=config.dwp_train_encoder,
     )
 
 

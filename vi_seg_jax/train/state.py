@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -37,6 +37,9 @@ class OptimConfig:
       clip_norm: clip gradients to this global norm first; None disables clipping.
       frozen: names of layers (top-level modules, e.g. `"down_3"`) whose parameters are
         never updated (fine-tuning with frozen layers).
+
+    The optimiser updates the trainable tree `{"params", "guide", "prior"}` (network,
+    posterior, the prior's own parameters when it trains any).
     """
 
     learning_rate: float = 1e-3
@@ -65,8 +68,12 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
         frozen = set(config.frozen)
 
         def is_frozen(tree):
+            # Only the network's layers: a prior's parameters may share a layer's name.
             return jax.tree_util.tree_map_with_path(
-                lambda path, _: any(getattr(k, "key", None) in frozen for k in path), tree
+                lambda path, _: (
+                    path[0].key != "prior" and any(getattr(k, "key", None) in frozen for k in path)
+                ),
+                tree,
             )
 
         parts.append(optax.masked(optax.set_to_zero(), is_frozen))
@@ -137,6 +144,7 @@ class TrainState:
     guide: GuideParams | None  # q(w) for `vi`, None otherwise
     opt_state: optax.OptState
     key: jax.Array  # typed key, split once per step
+    prior_params: Any = None  # the prior's trained parameters (DWP encoders), or None
 
 
 def create_train_state(
@@ -159,20 +167,27 @@ def _initial_state(key: jax.Array, sample_images: jax.Array, *, spec: ModelSpec)
     def init_params(k):
         return spec.backbone.init({"params": k}, sample_images, train=False)["params"]
 
-    guide = None
+    guide, prior_params = None, None
     if method.method == "ensemble":
         params = jax.vmap(init_params)(jax.random.split(init_key, method.ensemble_size))
-        opt_state = jax.vmap(lambda p: spec.optimizer.init({"params": p, "guide": None}))(params)
+        opt_state = jax.vmap(lambda p: spec.optimizer.init(trainable_tree(p, None, None)))(params)
     else:
         params = init_params(init_key)
         if method.method == "vi":
             kernels, params = split_params(params, bayesian_paths(params))
             guide = init_guide(guide_key, kernels, method.guide)
-        opt_state = spec.optimizer.init({"params": params, "guide": guide})
+            prior_params = spec.prior.init_params()
+        opt_state = spec.optimizer.init(trainable_tree(params, guide, prior_params))
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,
         guide=guide,
         opt_state=opt_state,
         key=state_key,
+        prior_params=prior_params,
     )
+
+
+def trainable_tree(params, guide: GuideParams | None, prior_params) -> dict:
+    """The tree the optimiser updates (see `OptimConfig`)."""
+    return {"params": params, "guide": guide, "prior": prior_params}

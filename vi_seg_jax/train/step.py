@@ -22,7 +22,7 @@ from vi_seg_jax.bayes.elbo import hard_dice, kl_scale, scaled_data_term
 from vi_seg_jax.bayes.guide import bayesian_paths, sample_kernels, split_params
 from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled
 from vi_seg_jax.parallel import batch_sharded, replicated
-from vi_seg_jax.train.state import ModelSpec, TrainState
+from vi_seg_jax.train.state import ModelSpec, TrainState, trainable_tree
 
 
 def _compute_dtype(tree, spec: ModelSpec):
@@ -73,7 +73,7 @@ def loss_fn(trainable, images, labels, key, step, spec: ModelSpec):
     data, logits = _particle_data_terms(trainable, images, labels, data_key, spec)
     data = jnp.mean(data)
     if trainable["guide"] is not None:
-        kl = spec.prior.kl(trainable["guide"], kl_key)
+        kl = spec.prior.kl(trainable["guide"], kl_key, trainable["prior"])
         beta = kl_scale(step, spec.objective)
     else:
         kernels, _ = split_params(trainable["params"], bayesian_paths(trainable["params"]))
@@ -114,22 +114,32 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
         member_keys = jax.random.split(step_key, spec.method.ensemble_size)
 
         def member(params, opt_state, key):
-            trainable, opt_state, metrics = _update(
-                {"params": params, "guide": None}, opt_state, images, labels, key, state.step, spec
+            updated, opt_state, metrics = _update(
+                trainable_tree(params, None, None), opt_state, images, labels, key, state.step, spec
             )
-            return trainable["params"], opt_state, metrics
+            return updated["params"], opt_state, metrics
 
         params, opt_state, metrics = jax.vmap(member)(state.params, state.opt_state, member_keys)
         metrics = jax.tree_util.tree_map(jnp.mean, metrics)
-        guide = None
+        guide, prior_params = None, None
     else:
-        trainable = {"params": state.params, "guide": state.guide}
-        trainable, opt_state, metrics = _update(
-            trainable, state.opt_state, images, labels, step_key, state.step, spec
+        updated, opt_state, metrics = _update(
+            trainable_tree(state.params, state.guide, state.prior_params),
+            state.opt_state,
+            images,
+            labels,
+            step_key,
+            state.step,
+            spec,
         )
-        params, guide = trainable["params"], trainable["guide"]
+        params, guide, prior_params = updated["params"], updated["guide"], updated["prior"]
     new_state = state.replace(
-        step=state.step + 1, params=params, guide=guide, opt_state=opt_state, key=next_key
+        step=state.step + 1,
+        params=params,
+        guide=guide,
+        opt_state=opt_state,
+        key=next_key,
+        prior_params=prior_params,
     )
     return new_state, metrics
 
