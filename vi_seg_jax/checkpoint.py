@@ -1,8 +1,9 @@
 """Orbax checkpoints of the whole training state.
 
 A checkpoint holds two items: `state`, the `TrainState` pytree (guide and deterministic
-parameters, optimiser state, step, key) saved with `StandardSave` (array files and JSON
-metadata; nothing is pickled, so restoring never executes code), and `meta`, a JSON
+parameters, optimiser state, step, key, a prior's trained parameters) saved with
+`PyTreeSave` (array files and JSON metadata; nothing is pickled, so restoring never
+executes code), and `meta`, a JSON
 document with the run's configuration, the data sampler's position and the metrics of
 that step. Orbax writes each step under a temporary name and renames it when complete, so
 a run killed mid-write leaves the previous checkpoints intact. The manager keeps the
@@ -63,7 +64,7 @@ def save_checkpoint(
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_saveable(state)),
+            state=ocp.args.PyTreeSave(_saveable(state)),
             meta=ocp.args.JsonSave(meta),
         ),
         metrics=metrics,
@@ -87,7 +88,6 @@ def restore_checkpoint(
     step: int | None = None,
     *,
     sharding: jax.sharding.Sharding | None = None,
-    partial: bool = False,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restores the state at `step` (latest when None) into the structure of `like`.
 
@@ -95,8 +95,9 @@ def restore_checkpoint(
     so a checkpoint of another backbone or configuration fails here. `sharding`: where
     every restored array goes (e.g. replicated over the run's mesh; each process of a
     multi-process run reads what its devices hold); None: this process's first device.
-    `partial`: the checkpoint may hold more than `like` (prediction leaves out a trained
-    prior's parameters); everything `like` holds must still be in it.
+    The checkpoint may hold more than `like`: prediction leaves out a trained prior's
+    parameters, and a run resumes a checkpoint written before a field (None when unused)
+    was added to the state. Every array `like` holds must be in it.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -107,17 +108,19 @@ def restore_checkpoint(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         _saveable_abstract(like),
     )
-    if partial:
-        state_args = ocp.args.PyTreeRestore(
-            abstract,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True,
-        )
-    else:
-        state_args = ocp.args.StandardRestore(abstract)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+    state_args = ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
     )
+    where = Path(manager.directory) / str(step)
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
+        )
+    except TypeError as error:  # Orbax: the checkpoint has None where `like` has arrays
+        first_line = str(error).strip().splitlines()[0]
+        raise DataError(where, f"does not hold this run's state ({first_line})") from None
     state = restored["state"]
     missing = [
         jax.tree_util.keystr(path)
@@ -125,7 +128,7 @@ def restore_checkpoint(
         if isinstance(leaf, jax.ShapeDtypeStruct)  # what a partial restore did not find
     ]
     if missing:
-        raise ValueError(f"the checkpoint holds no {', '.join(missing[:3])}")
+        raise DataError(where, f"holds no {', '.join(missing[:3])}")
     return state.replace(key=jax.random.wrap_key_data(state.key)), restored["meta"]
 
 

@@ -134,7 +134,7 @@ def load_trained(workdir: str | Path, step: int | None = None) -> TrainedModel:
     dummy = jax.ShapeDtypeStruct((1, *patch, len(config.data.modalities)), jnp.float32)
     like = jax.eval_shape(lambda x: create_train_state(jax.random.key(0), spec, x), dummy)
     try:
-        state, _ = restore_checkpoint(manager, like, step, partial=True)
+        state, _ = restore_checkpoint(manager, like, step)
     except (ValueError, KeyError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise DataError(

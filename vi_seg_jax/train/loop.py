@@ -391,6 +391,7 @@ def _calibrate(state, predict, cases: list[PreparedCase], task: str) -> dict[str
 
 def _check_same_run(saved: dict, config: TrainConfig, checkpoints: Path) -> None:
     current = config.to_dict()
+    saved = TrainConfig.from_dict(saved).to_dict()  # fields added since take their defaults
     for section, values in current.items():
         if isinstance(values, dict):
             for name, value in values.items():
