@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check: the GPU-relevant tests and benchmarks on one GPU, in about 5 minutes.
+# The GPU check: the GPU-relevant tests and benchmarks on one GPU, in about 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh
 #
 # Prints a JSON line naming the device, pytest's summary of the tests that exercise the
 # accelerator (convolution formulations, Monte Carlo reductions, fp32 and bf16 training
-# that must converge), then one JSON line per benchmark: the training step (paper 3D U-Net,
-# LRT) at 2x4x64^3 and 2x4x128^3 in fp32 and bf16 with its fraction of the GPU's peak and
-# memory, and the posterior predictive's throughput and memory on a 128^3 volume.
+# that must converge, the deep weight prior with its encoders trained, checkpoints), then
+# one JSON line per benchmark: the training step (paper 3D U-Net, LRT) at 2x4x64^3 and
+# 2x4x128^3 in fp32 and bf16 with its fraction of the GPU's peak and memory, and the
+# posterior predictive's throughput and memory on a 128^3 volume.
 # `PYTHON` picks the interpreter (default: python3). Exits non-zero if a test failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ status=0
     tests/test_uncertainty.py \
     "tests/train/test_step.py::test_variational_training_drives_loss_down_and_dice_up[unet]" \
     "tests/train/test_step.py::test_bf16_training_computes_in_bfloat16_and_still_learns" \
+    tests/test_checkpoint.py tests/dwp/test_prior.py tests/experiments/test_train_prior.py \
     || status=1
 
 for patch in 64 128; do

@@ -95,7 +95,9 @@ def test_train_with_the_deep_weight_prior_and_its_encoders_end_to_end(prior, tmp
         jax.tree.leaves(resumed_state.prior_params),
         strict=True,
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # restored, not re-initialised
+        # Restored, not re-initialised (that would differ by Adam steps of about 1e-2);
+        # the tolerance admits a GPU's non-deterministic reductions.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     # Prediction needs neither the encoders nor the prior folder.
     model = load_trained(workdir)
