@@ -24,7 +24,7 @@ print(json.dumps({"check": "devices", "platform": device.platform, "device": dev
                   "count": jax.device_count(), "jax": jax.__version__}))'
 
 status=0
-"$PYTHON" -m pytest -q -p no:cacheprovider \
+"$PYTHON" -m pytest -q -p no:cacheprovider -n 0 \
     tests/backbones/test_conv_impl.py \
     tests/test_uncertainty.py \
     "tests/train/test_step.py::test_variational_training_drives_loss_down_and_dice_up[unet]" \
