@@ -3,9 +3,8 @@
 A checkpoint holds two items: `state`, the `TrainState` pytree (guide and deterministic
 parameters, optimiser state, step, key, a prior's trained parameters) saved with
 `PyTreeSave` (array files and JSON metadata; nothing is pickled, so restoring never
-executes code), and `meta`, a JSON
-document with the run's configuration, the data sampler's position and the metrics of
-that step. Orbax writes each step under a temporary name and renames it when complete, so
+executes code), and `meta`, a JSON document with the run's configuration, the data
+sampler's position and the metrics of that step. Orbax writes each step under a temporary name and renames it when complete, so
 a run killed mid-write leaves the previous checkpoints intact. The manager keeps the
 last `keep_last` steps plus the best by validation Dice.
 """
