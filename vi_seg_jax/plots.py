@@ -233,7 +233,7 @@ def transfer_figure(path: str | Path, rows: list[dict], metric: str = "dice") ->
     """
     if not rows:
         raise ValueError("no runs to plot")
-    figure, axis = plt.subplots(figsize=(5.5, 4))
+    figure, axis = plt.subplots(figsize=(6.5, 4))
     for variant in dict.fromkeys(r["variant"] for r in rows):
         sizes = sorted({r["train_size"] for r in rows if r["variant"] == variant})
         values = [
@@ -246,7 +246,7 @@ def transfer_figure(path: str | Path, rows: list[dict], metric: str = "dice") ->
     axis.set_xlabel("training cases")
     axis.set_ylabel(f"test {metric} (%)")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the lines, never on them
     figure.tight_layout()
     return _save(figure, path)
 
