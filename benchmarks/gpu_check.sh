@@ -25,7 +25,7 @@ print(json.dumps({"check": "devices", "platform": device.platform, "device": dev
 
 status=0
 "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 \
-    tests/backbones/test_conv_impl.py \
+    tests/ops/test_conv3d.py \
     tests/test_uncertainty.py \
     "tests/train/test_step.py::test_variational_training_drives_loss_down_and_dice_up[unet]" \
     "tests/train/test_step.py::test_bf16_training_computes_in_bfloat16_and_still_learns" \

@@ -51,6 +51,7 @@ Other processes sharing the 2 cores can double step times; compare within one ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -105,7 +106,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--conv-impl",
         default="auto",
         type=lambda v: v.split(","),
-        help="comma-separated _blocks.conv_impl choices, timed interleaved (first = baseline)",
+        help="comma-separated vi_seg_jax.ops.CONV_IMPLS, timed interleaved (first = baseline)",
     )
     parser.add_argument("--clock-ghz", type=float, default=None, help="CPU clock for the peak")
     args = parser.parse_args(argv)
@@ -249,7 +250,43 @@ def conv_flops(jaxpr) -> float:
 
 
 def _peak_rss_mb() -> float:
+    """The process's peak resident memory since the last `_reset_peak_rss` (Linux), else ever."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the peak resident memory to the current one (Linux `clear_refs`); False if not."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def attainable_gemm_flops(n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of a large fp32 matrix product through XLA on the default device, measured
+    now: the machine's attainable peak (nominal cores × clock × width overstates it)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / min(times)
 
 
 def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) -> list[dict]:
@@ -259,14 +296,15 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     import numpy as np
 
     from vi_seg_jax.backbones import get_backbone
-    from vi_seg_jax.backbones._blocks import conv_impl
+    from vi_seg_jax.ops import ConvEngine, clear_tuning_memory, tuning_report
     from vi_seg_jax.parallel import batch_sharded, data_mesh, replicated
     from vi_seg_jax.train.state import MethodConfig, ModelSpec, create_train_state
     from vi_seg_jax.train.step import make_train_step
 
     d = args.spatial_dims
     spatial = (args.patch,) * d
-    backbone = get_backbone(name, num_classes=2, spatial_dims=d)
+    # XLA's convs for initialisation: tuning happens in the timed formulations' compiles.
+    backbone = get_backbone(name, num_classes=2, spatial_dims=d, conv=ConvEngine("lax"))
     spec = ModelSpec(
         backbone,
         MethodConfig(method=args.method, estimator=args.estimator, num_particles=args.particles),
@@ -289,28 +327,39 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     jax.block_until_ready(state0)
     init_seconds = time.perf_counter() - t0
 
+    def with_conv(impl: str):
+        return dataclasses.replace(spec, backbone=backbone.clone(conv=ConvEngine(impl)))
+
     # Nominal conv FLOPs of the same step with XLA's own convs (no rewrites).
-    with conv_impl("lax"):
-        nominal = conv_flops(jax.make_jaxpr(make_train_step(spec))(state0, batch).jaxpr)
+    nominal = conv_flops(jax.make_jaxpr(make_train_step(with_conv("lax")))(state0, batch).jaxpr)
 
     runs = {}
     for impl in args.conv_impl:
-        with conv_impl(impl):
-            t0 = time.perf_counter()
-            compiled = make_train_step(spec, mesh).lower(state0, batch).compile()
-            compile_seconds = time.perf_counter() - t0
+        clear_tuning_memory()
+        t0 = time.perf_counter()
+        compiled = make_train_step(with_conv(impl), mesh).lower(state0, batch).compile()
+        compile_seconds = time.perf_counter() - t0
+        tuning = tuning_report()
         flops = _xla_flops(compiled, args.devices)
         state = jax.tree.map(jnp.copy, state0)
+        rss_reset = _reset_peak_rss()
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)  # warm-up
+        jax.block_until_ready(metrics)
+        first_step_seconds = time.perf_counter() - t0
+        state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         runs[impl] = {
             "compiled": compiled,
             "memory_mb": memory_per_device_mb(compiled),
             "state": state,
             "flops": flops,
-            "compile_seconds": compile_seconds,
-            "first_step_seconds": time.perf_counter() - t0,
+            "compile_seconds": compile_seconds - tuning.seconds,
+            "tuning": tuning,
+            "first_step_seconds": first_step_seconds,
+            # Two steps of this formulation alone (the process's peak if it cannot be reset).
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_rss_basis": "this formulation's steps" if rss_reset else "process peak so far",
             "times": [],
         }
     for _ in range(args.steps):  # interleaved: a noisy, shared machine hits all alike
@@ -331,7 +380,8 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             "backbone": name,
             "seconds_per_step": round(seconds, 4),
             "voxels_per_second": round(args.batch * float(np.prod(spatial)) / seconds, 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_rss_mb": run["peak_rss_mb"],
+            "peak_rss_basis": run["peak_rss_basis"],
             "flops_per_step": flops,
             "flops_source": "xla cost_analysis"
             if run["flops"] is not None
@@ -344,6 +394,15 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             else None,
             "peak_flops": peak_flops,
             "peak_basis": peak["peak_basis"],
+            "attainable_peak_flops": peak.get("attainable_flops"),
+            "fraction_of_attainable_peak": round(flops / seconds / peak["attainable_flops"], 4)
+            if peak.get("attainable_flops")
+            else None,
+            "conv_fraction_of_attainable_peak": round(
+                nominal / seconds / peak["attainable_flops"], 4
+            )
+            if peak.get("attainable_flops")
+            else None,
             "patch": args.patch,
             "spatial_dims": d,
             "batch": args.batch,
@@ -358,6 +417,13 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             "conv_impl": impl,
             "device": peak["device"],
             "compile_seconds": round(run["compile_seconds"], 2),
+            "tuning_seconds": round(run["tuning"].seconds, 2),
+            "tuning_pieces": {
+                "measured": run["tuning"].tuned,
+                "read_from_file": run["tuning"].reused,
+                "by_rule": run["tuning"].skipped_small + run["tuning"].skipped_budget,
+            },
+            "tuning_file": run["tuning"].file,
             "first_step_seconds": round(run["first_step_seconds"], 2),
             "init_seconds": round(init_seconds, 2),
             "step_times": [round(t, 3) for t in run["times"]],
@@ -380,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     import jax
 
-    from vi_seg_jax.backbones._blocks import CONV_IMPLS
+    from vi_seg_jax.ops import CONV_IMPLS
 
     unknown = [impl for impl in args.conv_impl if impl not in CONV_IMPLS]
     if unknown:
@@ -394,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             **gpu_peak_flops(kind, args.precision),
             "device": f"{jax.default_backend()}: {kind}",
         }
+    peak["attainable_flops"] = attainable_gemm_flops()
     if args.devices > len(jax.devices()):
         raise SystemExit(f"--devices {args.devices}: only {len(jax.devices())} available")
     names = BACKBONE_NAMES if args.backbone == "all" else (args.backbone,)

@@ -6,6 +6,9 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # On a GPU, tests that start CLI subprocesses need memory beside this process's.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# No convolution tuning (tests/ops/test_conv_tuning.py opts in on tiny convs): the suite's
+# shapes are below the tuning threshold anyway, and its CLI subprocesses inherit this.
+os.environ.setdefault("VI_SEG_JAX_CONV_TUNING_SECONDS", "0")
 
 import jax
 import pytest

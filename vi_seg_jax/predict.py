@@ -26,7 +26,6 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from vi_seg_jax.backbones import conv_impl
 from vi_seg_jax.calibration import (
     CALIBRATION_FILE,
     apply_temperature,
@@ -232,19 +231,22 @@ class Predictor:
             spec, task = self.model.spec, self.model.task
             dims = self.model.config.backbone.spatial_dims
 
+            # Several VI samples or ensemble members at once vmap per-sample kernels. MC
+            # dropout shares its weights, so vmapped samples simply fold into the batch of
+            # the usual convolutions.
+            per_sample_kernels = self.model.config.method.method in ("vi", "ensemble")
+            add_spec = (
+                spec.for_batched_kernels() if self.chunk_size > 1 and per_sample_kernels else spec
+            )
+
             def add(sums, state, volume, key, chunk):
-                sample_fn = volume_sample_fn(sample_fn_for(spec, state), window, dims)
-                # Several VI samples or ensemble members at once vmap per-sample kernels:
-                # batched GEMMs win there. MC dropout shares its weights, so vmapped samples
-                # simply fold into the batch of the usual convolutions.
-                per_sample_kernels = self.model.config.method.method in ("vi", "ensemble")
+                sample_fn = volume_sample_fn(sample_fn_for(add_spec, state), window, dims)
                 sizes = dict(chunk_size=self.chunk_size, num_samples=self.num_samples, task=task)
-                with conv_impl("gemm" if self.chunk_size > 1 and per_sample_kernels else "auto"):
-                    if self.mesh is None:
-                        return add_samples(sums, sample_fn, volume, key, chunk, **sizes)
-                    return add_samples_per_device(
-                        self.mesh, sums, sample_fn, volume, key, chunk, **sizes
-                    )
+                if self.mesh is None:
+                    return add_samples(sums, sample_fn, volume, key, chunk, **sizes)
+                return add_samples_per_device(
+                    self.mesh, sums, sample_fn, volume, key, chunk, **sizes
+                )
 
             def init(state, volume, key):
                 sample_fn = volume_sample_fn(sample_fn_for(spec, state), window, dims)

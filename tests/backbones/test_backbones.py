@@ -21,7 +21,7 @@ from jax import lax
 
 from vi_seg_jax.backbones import BACKBONES, FCN, UNet, VNet, count_params, get_backbone
 from vi_seg_jax.backbones._blocks import (
-    conv_general_dilated,
+    DEFAULT_CONV,
     depth_to_space,
     instance_norm,
     upsample2x,
@@ -302,7 +302,7 @@ def test_conv_layout(cls, spatial_dims):
     if cls is UNet:
         assert not any(p[-1] == "bias" for p in flat), "the paper's U-Net has no biases"
     for module in calls.values():
-        assert module.conv_general_dilated is conv_general_dilated
+        assert module.conv_general_dilated is DEFAULT_CONV
 
 
 def test_unet_param_paths():
@@ -387,9 +387,9 @@ def test_conv_general_dilated_matches_lax(x_shape, k_shape, strides, padding):
     (_, y_ref), g_ref = jax.value_and_grad(
         lambda x, w: loss(lax.conv_general_dilated, x, w), (0, 1), has_aux=True
     )(x, w)
-    (_, y), g = jax.value_and_grad(
-        lambda x, w: loss(conv_general_dilated, x, w), (0, 1), has_aux=True
-    )(x, w)
+    (_, y), g = jax.value_and_grad(lambda x, w: loss(DEFAULT_CONV, x, w), (0, 1), has_aux=True)(
+        x, w
+    )
     np.testing.assert_allclose(y, y_ref, atol=1e-4, rtol=1e-5)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)

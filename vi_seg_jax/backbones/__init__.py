@@ -8,10 +8,11 @@ channels-last inputs (`[B, H, W, C]` or `[B, H, W, D, C]`, every spatial size a 
 
 For the variational layer: every convolution is an `nn.Conv` submodule with a stable name;
 the 3×3(×3) ones (kernel shape `(3,) * spatial_dims + (c_in, c_out)`) never have a bias;
-1×1(×1), 2×2(×2) and upsampling convs are the deterministic part by default. All convs use
-`_blocks.conv_general_dilated` (their `conv_general_dilated` attribute), an exact drop-in for
-`lax.conv_general_dilated` that rewrites strided 3D convolutions as stride-1 ones and, on
-CPU, picks per convolution between XLA and matrix-product formulations (`conv_impl`).
+1×1(×1), 2×2(×2) and upsampling convs are the deterministic part by default. Every conv
+computes through the backbone's `conv` attribute (`vi_seg_jax.ops.ConvEngine`, their
+`conv_general_dilated`), an exact drop-in for `lax.conv_general_dilated` that rewrites
+strided 3D convolutions as stride-1 ones and computes each piece of a 3D conv (forward,
+input and kernel gradients) in the formulation measured fastest on the machine.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from vi_seg_jax.backbones._blocks import conv_impl
 from vi_seg_jax.backbones.fcn import FCN
 from vi_seg_jax.backbones.unet import UNet
 from vi_seg_jax.backbones.vnet import VNet
 
-__all__ = ["BACKBONES", "FCN", "UNet", "VNet", "conv_impl", "count_params", "get_backbone"]
+__all__ = ["BACKBONES", "FCN", "UNet", "VNet", "count_params", "get_backbone"]
 
 BACKBONES: dict[str, type[nn.Module]] = {"unet": UNet, "vnet": VNet, "fcn": FCN}
 

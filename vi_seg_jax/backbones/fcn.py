@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 
 from vi_seg_jax.backbones._blocks import (
+    DEFAULT_CONV,
     ResBlock,
     Upsample,
     check_hyperparameters,
@@ -20,6 +21,7 @@ from vi_seg_jax.backbones._blocks import (
     replicate_init,
     upsample2x,
 )
+from vi_seg_jax.ops.conv3d import ConvEngine
 
 
 class FCN(nn.Module):
@@ -60,6 +62,8 @@ class FCN(nn.Module):
       dropout_rate: dropout after each activation that feeds a 3×3 conv (rng stream
         `"dropout"`, only when `train=True`).
       dtype: computation dtype of the convolutions (None: inferred).
+      conv: how the 3D convolutions are computed, a `vi_seg_jax.ops.ConvEngine` (default
+        `"auto"`: each conv's formulation measured fastest on this machine).
     """
 
     num_classes: int
@@ -68,6 +72,7 @@ class FCN(nn.Module):
     upsample: Upsample = "transpose"
     dropout_rate: float = 0.0
     dtype: Any = None
+    conv: ConvEngine = DEFAULT_CONV
 
     def __post_init__(self) -> None:
         features = check_hyperparameters(
@@ -104,17 +109,19 @@ class FCN(nn.Module):
         """
         d, f, depth, k_cls = self.spatial_dims, self.features, self.depth, self.num_classes
         check_input(type(self).__name__, x, spatial_dims=d, depth=depth)
-        block = dict(spatial_dims=d, dropout_rate=self.dropout_rate, dtype=self.dtype)
+        block = dict(
+            spatial_dims=d, dropout_rate=self.dropout_rate, dtype=self.dtype, conv=self.conv
+        )
 
-        x = conv3(f[0], d, name="init", dtype=self.dtype)(x)
+        x = conv3(f[0], d, name="init", dtype=self.dtype, conv=self.conv)(x)
         scores = {}
         for level in range(1, depth + 1):
             x = ResBlock(f[level], strides=2, name=f"down_{2 * level - 1}", **block)(x, train=train)
             x = ResBlock(f[level], name=f"down_{2 * level}", **block)(x, train=train)
             h = nn.relu(instance_norm(x))
-            scores[level] = conv1(k_cls, d, use_bias=True, name=f"score_{level}", dtype=self.dtype)(
-                h
-            )
+            scores[level] = conv1(
+                k_cls, d, use_bias=True, name=f"score_{level}", dtype=self.dtype, conv=self.conv
+            )(h)
         bottleneck = x
 
         def up(s: jax.Array, k: int) -> jax.Array:
@@ -126,6 +133,7 @@ class FCN(nn.Module):
                 name=f"up_{k}",
                 dtype=self.dtype,
                 kernel_init=replicate_init(k_cls, d),
+                conv=self.conv,
             )
 
         s = scores[depth]

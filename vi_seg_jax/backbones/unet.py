@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 
 from vi_seg_jax.backbones._blocks import (
+    DEFAULT_CONV,
     ResBlock,
     UpBlock,
     Upsample,
@@ -17,6 +18,7 @@ from vi_seg_jax.backbones._blocks import (
     conv1,
     conv3,
 )
+from vi_seg_jax.ops.conv3d import ConvEngine
 
 
 class UNet(nn.Module):
@@ -65,6 +67,8 @@ class UNet(nn.Module):
       dropout_rate: dropout after each activation that feeds a 3×3 conv (rng stream
         `"dropout"`, only when `train=True`; MC dropout calls with `train=True`).
       dtype: computation dtype of the convolutions (None: inferred), e.g. `jnp.bfloat16`.
+      conv: how the 3D convolutions are computed, a `vi_seg_jax.ops.ConvEngine` (default
+        `"auto"`: each conv's formulation measured fastest on this machine).
     """
 
     num_classes: int
@@ -74,6 +78,7 @@ class UNet(nn.Module):
     upsample: Upsample = "transpose"
     dropout_rate: float = 0.0
     dtype: Any = None
+    conv: ConvEngine = DEFAULT_CONV
 
     def __post_init__(self) -> None:
         features = check_hyperparameters(
@@ -109,9 +114,11 @@ class UNet(nn.Module):
         """
         d, f = self.spatial_dims, self.features
         check_input(type(self).__name__, x, spatial_dims=d, depth=self.depth)
-        block = dict(spatial_dims=d, dropout_rate=self.dropout_rate, dtype=self.dtype)
+        block = dict(
+            spatial_dims=d, dropout_rate=self.dropout_rate, dtype=self.dtype, conv=self.conv
+        )
 
-        x = conv3(f[0], d, name="init", dtype=self.dtype)(x)
+        x = conv3(f[0], d, name="init", dtype=self.dtype, conv=self.conv)(x)
         skips = [x]
         for level in range(1, self.depth + 1):
             x = ResBlock(f[level], strides=2, name=f"down_{2 * level - 1}", **block)(x, train=train)
@@ -125,5 +132,5 @@ class UNet(nn.Module):
             x = UpBlock(f[level], upsample=self.upsample, name=f"up_{k}", **block)(
                 x, skips[level], train=train
             )
-        logits = conv1(self.num_classes, d, name="head", dtype=self.dtype)(x)
+        logits = conv1(self.num_classes, d, name="head", dtype=self.dtype, conv=self.conv)(x)
         return logits, {"bottleneck": bottleneck, "pre_logits": x}

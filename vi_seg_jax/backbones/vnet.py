@@ -10,15 +10,16 @@ import jax
 import jax.numpy as jnp
 
 from vi_seg_jax.backbones._blocks import (
+    DEFAULT_CONV,
     Upsample,
     check_hyperparameters,
     check_input,
     conv1,
     conv3,
-    conv_general_dilated,
     instance_norm,
     upsample2x,
 )
+from vi_seg_jax.ops.conv3d import ConvEngine
 
 # The PReLU slope's initial value in PyTorch (and so in the common V-Net ports).
 _PRELU_INIT = 0.25
@@ -51,6 +52,7 @@ class _Stage(nn.Module):
     upsample: Upsample = "transpose"
     dropout_rate: float = 0.0
     dtype: Any = None
+    conv: ConvEngine = DEFAULT_CONV
 
     def _act(self, x: jax.Array, name: str, train: bool) -> jax.Array:
         x = nn.PReLU(negative_slope_init=_PRELU_INIT, name=f"prelu_{name}")(x)
@@ -69,7 +71,7 @@ class _Stage(nn.Module):
                 padding="VALID",
                 use_bias=False,
                 dtype=dt,
-                conv_general_dilated=conv_general_dilated,
+                conv_general_dilated=self.conv,
                 name="down",
             )(x)
             x = self._act(instance_norm(x), "entry", train)
@@ -82,6 +84,7 @@ class _Stage(nn.Module):
                 spatial_dims=d,
                 name="upsample",
                 dtype=dt,
+                conv=self.conv,
             )
             x = self._act(instance_norm(x), "entry", train)
             if skip is None:
@@ -90,13 +93,13 @@ class _Stage(nn.Module):
             residual = x
         else:
             if x.shape[-1] != self.features:
-                residual = conv1(self.features, d, name="shortcut", dtype=dt)(x)
+                residual = conv1(self.features, d, name="shortcut", dtype=dt, conv=self.conv)(x)
             else:
                 residual = x
         width = residual.shape[-1]
         h = x
         for k in range(1, self.num_convs + 1):
-            h = conv3(width, d, name=f"conv_{k}", dtype=dt)(h)
+            h = conv3(width, d, name=f"conv_{k}", dtype=dt, conv=self.conv)(h)
             h = self._act(instance_norm(h), str(k), train)
         out = h + residual.astype(h.dtype)
         return nn.PReLU(negative_slope_init=_PRELU_INIT, name="prelu_out")(out)
@@ -148,6 +151,8 @@ class VNet(nn.Module):
       dropout_rate: dropout after every PReLU inside the stages (rng stream `"dropout"`,
         only when `train=True`).
       dtype: computation dtype of the convolutions (None: inferred).
+      conv: how the 3D convolutions are computed, a `vi_seg_jax.ops.ConvEngine` (default
+        `"auto"`: each conv's formulation measured fastest on this machine).
     """
 
     num_classes: int
@@ -156,6 +161,7 @@ class VNet(nn.Module):
     upsample: Upsample = "transpose"
     dropout_rate: float = 0.0
     dtype: Any = None
+    conv: ConvEngine = DEFAULT_CONV
 
     def __post_init__(self) -> None:
         features = check_hyperparameters(
@@ -196,6 +202,7 @@ class VNet(nn.Module):
             upsample=self.upsample,
             dropout_rate=self.dropout_rate,
             dtype=self.dtype,
+            conv=self.conv,
         )
         x = _Stage(f[0], _num_convs(0), entry="input", name="init", **stage)(x, train=train)
         skips = [x]
@@ -212,5 +219,7 @@ class VNet(nn.Module):
             x = _Stage(f[level], _num_convs(level), entry="up", name=f"up_{k}", **stage)(
                 x, skips[level], train=train
             )
-        logits = conv1(self.num_classes, d, use_bias=True, name="head", dtype=self.dtype)(x)
+        logits = conv1(
+            self.num_classes, d, use_bias=True, name="head", dtype=self.dtype, conv=self.conv
+        )(x)
         return logits, {"bottleneck": bottleneck, "pre_logits": x}

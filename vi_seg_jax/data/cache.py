@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -27,7 +26,7 @@ from vi_seg_jax.data.discovery import BadCaseWarning, CaseFiles, Dataset
 from vi_seg_jax.data.loading import load_case
 from vi_seg_jax.data.preprocess import GridMapping, PreprocessConfig, preprocess
 from vi_seg_jax.errors import DataError
-from vi_seg_jax.io.folders import replace_folder
+from vi_seg_jax.io.folders import cache_root, replace_folder
 
 CACHE_FORMAT_VERSION = 1
 
@@ -53,14 +52,6 @@ class PreparedCase:
     mapping: GridMapping
     affine: np.ndarray
     files: CaseFiles
-
-
-def cache_root() -> Path:
-    """`$VI_SEG_JAX_CACHE`, else `$XDG_CACHE_HOME/vi_seg_jax`, else `~/.cache/vi_seg_jax`."""
-    if "VI_SEG_JAX_CACHE" in os.environ:
-        return Path(os.environ["VI_SEG_JAX_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vi_seg_jax"
 
 
 def default_cache_dir(data_dir: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Atomic replacement of a folder written beside its destination."""
+"""Where the project keeps its files, and atomic writes of files and folders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """`$VI_SEG_JAX_CACHE`, else `$XDG_CACHE_HOME/vi_seg_jax`, else `~/.cache/vi_seg_jax`."""
+    if "VI_SEG_JAX_CACHE" in os.environ:
+        return Path(os.environ["VI_SEG_JAX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vi_seg_jax"
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -21,3 +29,16 @@ def replace_folder(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

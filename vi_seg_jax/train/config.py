@@ -9,23 +9,31 @@ from typing import Any, Literal
 from vi_seg_jax.bayes.elbo import LikelihoodConfig
 from vi_seg_jax.bayes.guide import GuideConfig
 from vi_seg_jax.data.conventions import MODALITIES
+from vi_seg_jax.ops.conv3d import ConvEngine
 from vi_seg_jax.train.state import MethodConfig, OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
-    """Which backbone and its hyperparameters (None: the class default)."""
+    """Which backbone and its hyperparameters (None: the class default).
+
+    `conv_impl` is how its 3D convolutions are computed (`vi_seg_jax.ops.CONV_IMPLS`):
+    "auto" uses the formulations measured fastest on the machine; any other value forces one
+    (for comparisons and tests); the results agree to float rounding.
+    """
 
     name: str = "unet"
     spatial_dims: int = 3
     features: tuple[int, ...] | None = None
     short: bool = False
     dropout_rate: float = 0.0
+    conv_impl: str = "auto"
 
     def kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "spatial_dims": self.spatial_dims,
             "dropout_rate": self.dropout_rate,
+            "conv": ConvEngine(self.conv_impl),
         }
         if self.features is not None:
             kwargs["features"] = tuple(self.features)

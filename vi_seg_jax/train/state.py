@@ -20,6 +20,7 @@ from vi_seg_jax.bayes.guide import (
     split_params,
 )
 from vi_seg_jax.bayes.priors import NormalPrior, Prior
+from vi_seg_jax.ops.conv3d import ConvEngine
 
 Method = Literal["vi", "deterministic", "mc_dropout", "ensemble"]
 METHODS: tuple[str, ...] = ("vi", "deterministic", "mc_dropout", "ensemble")
@@ -133,6 +134,16 @@ class ModelSpec:
     @property
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.optim)
+
+    def for_batched_kernels(self) -> ModelSpec:
+        """This spec for a function that vmaps over per-sample kernels (particles, ensemble
+        members, Monte Carlo samples): GEMM convolutions, which become batched GEMMs there,
+        where XLA turns the other formulations into grouped convs (4.7× slower at 2
+        particles, 2×32³). A formulation the backbone forces is kept."""
+        conv = getattr(self.backbone, "conv", None)
+        if conv is None or conv.impl != "auto":
+            return self
+        return dataclasses.replace(self, backbone=self.backbone.clone(conv=ConvEngine("gemm")))
 
 
 @struct.dataclass

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from vi_seg_jax.backbones._blocks import active_conv_impl, conv_impl
 from vi_seg_jax.bayes.elbo import hard_dice, kl_scale, scaled_data_term
 from vi_seg_jax.bayes.guide import bayesian_paths, sample_kernels, split_params
 from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled
@@ -144,16 +143,13 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
     return new_state, metrics
 
 
-def _conv_impl_for(spec: ModelSpec) -> str:
-    # vmapping over per-particle or per-member kernels turns convs into grouped convs, where
-    # batched GEMMs win (see `conv_impl`); an explicit choice (benchmarks) is kept.
-    vmapped_kernels = spec.method.method == "ensemble" or (
+def _vmaps_kernels(spec: ModelSpec) -> bool:
+    """Whether the step vmaps over per-particle or per-member kernels."""
+    return spec.method.method == "ensemble" or (
         spec.method.method == "vi"
         and spec.method.estimator == "full"
         and spec.method.num_particles > 1
     )
-    active = active_conv_impl()
-    return "gemm" if vmapped_kernels and active == "auto" else active
 
 
 def make_train_step(spec: ModelSpec, mesh: Mesh | None = None):
@@ -163,9 +159,11 @@ def make_train_step(spec: ModelSpec, mesh: Mesh | None = None):
     replicated; XLA inserts the gradient all-reduce.
     """
 
+    if _vmaps_kernels(spec):
+        spec = spec.for_batched_kernels()
+
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        with conv_impl(_conv_impl_for(spec)):
-            return train_step(state, batch, spec=spec)
+        return train_step(state, batch, spec=spec)
 
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))

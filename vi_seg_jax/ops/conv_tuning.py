@@ -1,0 +1,309 @@
+"""Which formulation computes each piece of a 3D conv: measured once per machine, then read.
+
+`conv_choice` times the candidates of a piece (`conv_forms.FORWARD` for the forward pass and
+the input gradient, `conv_forms.KERNEL_GRAD` for the kernel gradient) the first time a
+(machine, jax version, shape, dtype) is seen and records the fastest in a JSON file in the
+cache folder (`tuning_file()`), the way cuDNN's benchmark mode and XLA's GPU autotuner work;
+later traces and processes read it. Tuning is bounded by a time budget per process and
+skipped for convs too small to repay it (they use `rule_form`); a candidate whose compiled
+memory exceeds a budget is not timed. Environment variables:
+
+- `VI_SEG_JAX_CONV_FORMULATION`: force one formulation for every "auto" conv (`"xla"`,
+  `"summed"`, `"stacked"`, `"gemm"`), or `"rule"` for the size rule without tuning;
+- `VI_SEG_JAX_CONV_TUNING_SECONDS`: the tuning budget per process (default 300; 0 never
+  tunes, entries already recorded are still used);
+- `VI_SEG_JAX_CONV_MEMORY_MB`: the memory budget of one candidate (default: an eighth of
+  the machine's memory).
+
+A multi-process run never tunes (its processes must trace the same program): it uses
+recorded entries and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vi_seg_jax.io.folders import cache_root, write_text_atomic
+from vi_seg_jax.ops.conv_forms import (
+    FORWARD,
+    FORWARD_FORMS,
+    KERNEL_GRAD,
+    KERNEL_GRAD_FORMS,
+    ConvChoice,
+    input_grad_conv,
+)
+
+ENV_FORMULATION = "VI_SEG_JAX_CONV_FORMULATION"
+ENV_BUDGET = "VI_SEG_JAX_CONV_TUNING_SECONDS"
+ENV_MEMORY = "VI_SEG_JAX_CONV_MEMORY_MB"
+DEFAULT_BUDGET_SECONDS = 300.0
+# Convs below this many FLOPs per piece use the rule: timing them costs more than it saves.
+MIN_TUNED_FLOPS = 1e9
+TUNING_FORMAT = 1
+
+# The size rule used where nothing was measured (first measured on a 2-core AMD Zen 4 in the
+# paper U-Net's LRT step): stack the depth taps into the channels while `K0 * C_in` is at
+# most this, ...
+STACK_MAX_CHANNELS = 24
+# ... and use GEMMs for convs with at least this many output voxels or 2-tap kernels (the
+# strided rewrite's), 2D convs for the small levels.
+GEMM_MIN_VOXELS = 2 * 48**3
+
+
+def conv_flops(x_shape, w_shape, pads) -> float:
+    """Nominal FLOPs (2 per multiply-add) of one stride-1 conv (= each of its gradients)."""
+    out = math.prod(
+        n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, w_shape[:3], strict=True)
+    )
+    return 2.0 * x_shape[0] * out * math.prod(w_shape)
+
+
+def rule_form(x_shape, w_shape, pads, piece: str, backend: str) -> str:
+    """The formulation used where nothing was measured: XLA's conv off CPUs; on CPUs GEMMs
+    for large convs and 2D convs for small ones (stacked taps for few input channels)."""
+    if backend != "cpu":
+        return "xla"
+    out = math.prod(
+        n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, w_shape[:3], strict=True)
+    )
+    stacked = w_shape[0] * w_shape[-2] <= STACK_MAX_CHANNELS
+    if x_shape[0] * out >= GEMM_MIN_VOXELS or max(w_shape[:3]) == 2:
+        return "gemm" if stacked or piece == "kernel_grad" else "summed"
+    return "stacked" if stacked else "summed"
+
+
+@dataclasses.dataclass
+class TuningReport:
+    """What tuning did in this process: seconds spent, pieces timed, read from the file."""
+
+    seconds: float = 0.0
+    tuned: int = 0
+    reused: int = 0
+    skipped_small: int = 0
+    skipped_budget: int = 0
+    file: str = ""
+
+
+class _Tuner:
+    """This process's view of the tuning file, and what tuning did so far."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict] | None = None  # the file's entries, once read
+        self.report = TuningReport()
+
+    def entries(self) -> dict[str, dict]:
+        if self.table is None:
+            data = _read_tuning_file()
+            self.table = dict(data.get("entries", {}))
+        return self.table
+
+
+_TUNER = _Tuner()
+
+
+def tuning_report() -> TuningReport:
+    """A copy of this process's tuning statistics."""
+    return dataclasses.replace(_TUNER.report, file=str(tuning_file()))
+
+
+def clear_tuning_memory() -> None:
+    """Forgets the entries read from the tuning file and the statistics (not the file)."""
+    global _TUNER
+    _TUNER = _Tuner()
+
+
+def machine_description() -> dict[str, str]:
+    """What a measurement depends on: backend and device (CPU model, ISA flags, cores), jax."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    desc = {
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+    }
+    if desc["backend"] == "cpu":
+        info = _cpuinfo()
+        flags = sorted(
+            f for f in info.get("flags", "").split() if f.startswith(("avx", "fma", "amx"))
+        )
+        desc["device"] = info.get("model name") or platform.processor() or platform.machine()
+        desc["isa"] = " ".join(flags)
+        desc["cores"] = str(
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        )
+    return desc
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where unavailable)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    if info:
+                        break
+                    continue
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info
+
+
+@functools.cache
+def _machine() -> tuple[dict[str, str], str]:
+    desc = machine_description()
+    digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+    return desc, digest
+
+
+def tuning_file() -> Path:
+    """This machine's tuning file: `<cache>/conv3d_tuning/<machine digest>.json`."""
+    return cache_root() / "conv3d_tuning" / f"{_machine()[1]}.json"
+
+
+def conv_choice(x_shape, w_shape, pads, dtype) -> ConvChoice:
+    """The fastest measured formulation of each piece of a stride-1 3D conv on this machine.
+
+    `VI_SEG_JAX_CONV_IMPL` forces one; otherwise each piece's entry is read from the tuning
+    file, measured now when the conv is large enough and the budget allows, else the rule.
+    """
+    forced = os.environ.get(ENV_FORMULATION, "").strip()
+    if forced and forced != "rule":
+        if forced not in FORWARD_FORMS:
+            raise ValueError(
+                f"{ENV_FORMULATION} must be one of {(*FORWARD_FORMS, 'rule')}, got {forced!r}"
+            )
+        return ConvChoice.every(forced)
+    tune = forced != "rule"
+    dtype = jnp.dtype(dtype).name
+    x_shape, w_shape = tuple(map(int, x_shape)), tuple(map(int, w_shape))
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    _, pads_t = input_grad_conv(w_shape, pads)
+    dy_shape = (*_out_shape(x_shape, w_shape, pads), w_shape[-1])
+    wt_shape = (*w_shape[:3], w_shape[-1], w_shape[-2])
+    return ConvChoice(
+        _piece("forward", x_shape, w_shape, pads, dtype, tune),
+        _piece("forward", dy_shape, wt_shape, pads_t, dtype, tune),
+        _piece("kernel_grad", x_shape, w_shape, pads, dtype, tune),
+    )
+
+
+def _out_shape(x_shape, w_shape, pads) -> tuple[int, ...]:
+    spatial = (
+        n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, w_shape[:3], strict=True)
+    )
+    return (x_shape[0], *spatial)
+
+
+def _piece(piece, x_shape, w_shape, pads, dtype, tune: bool) -> str:
+    key = f"{piece} x={list(x_shape)} w={list(w_shape)} pads={[list(p) for p in pads]} {dtype}"
+    backend = jax.default_backend()
+    table, report = _TUNER.entries(), _TUNER.report
+    if key in table:
+        report.reused += 1
+        return table[key]["form"]
+    rule = rule_form(x_shape, w_shape, pads, piece, backend)
+    if not tune or conv_flops(x_shape, w_shape, pads) < MIN_TUNED_FLOPS:
+        report.skipped_small += 1
+        return rule
+    budget = float(os.environ.get(ENV_BUDGET, DEFAULT_BUDGET_SECONDS))
+    if report.seconds >= budget or jax.process_count() > 1:
+        report.skipped_budget += 1
+        return rule
+    start = time.perf_counter()
+    with jax.ensure_compile_time_eval():  # measure now, even while a caller is being traced
+        entry = _measure(piece, x_shape, w_shape, pads, dtype)
+    report.seconds += time.perf_counter() - start
+    report.tuned += 1
+    _record(key, entry)
+    return entry["form"]
+
+
+def _read_tuning_file() -> dict:
+    try:
+        data = json.loads(tuning_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("format") == TUNING_FORMAT else {}
+
+
+def _record(key: str, entry: dict) -> None:
+    """Adds an entry to the table and the file (merged with entries other processes wrote)."""
+    _TUNER.entries()[key] = entry
+    data = _read_tuning_file() or {"format": TUNING_FORMAT, "machine": _machine()[0]}
+    data.setdefault("entries", {})[key] = entry
+    write_text_atomic(tuning_file(), json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _memory_budget_bytes() -> float:
+    if os.environ.get(ENV_MEMORY):
+        return float(os.environ[ENV_MEMORY]) * 2**20
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 8
+    except (ValueError, OSError, AttributeError):
+        return 2.0 * 2**30
+
+
+def _measure(piece, x_shape, w_shape, pads, dtype) -> dict:
+    """Times each candidate of a piece (compiled alone, best of 3 after a warm-up)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), dtype)
+    if piece == "forward":
+        other = jnp.asarray(rng.normal(size=w_shape), dtype)
+        forms = FORWARD_FORMS
+        make = lambda form: lambda x, w: FORWARD[form](x, w, pads, None, None)  # noqa: E731
+    else:
+        other = jnp.asarray(
+            rng.normal(size=(*_out_shape(x_shape, w_shape, pads), w_shape[-1])), dtype
+        )
+        forms = KERNEL_GRAD_FORMS
+        make = lambda form: lambda x, dy: KERNEL_GRAD[form](x, dy, w_shape, pads, None)  # noqa: E731
+    budget = _memory_budget_bytes()
+    seconds, memory = {}, {}
+    print(
+        f"vi_seg_jax: timing 3D conv formulations for {piece} x{list(x_shape)} "
+        f"w{list(w_shape)} (once per machine)",
+        file=sys.stderr,
+        flush=True,
+    )
+    for form in forms:
+        compiled = jax.jit(make(form)).lower(x, other).compile()
+        stats = compiled.memory_analysis()
+        need = None if stats is None else stats.temp_size_in_bytes + stats.output_size_in_bytes
+        memory[form] = None if need is None else round(need / 2**20, 1)
+        if need is not None and need > budget:
+            continue
+        jax.block_until_ready(compiled(x, other))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(x, other))
+            times.append(time.perf_counter() - t0)
+        seconds[form] = min(times)
+    if not seconds:  # nothing fits: the least memory
+        best = min(memory, key=lambda f: memory[f] or 0.0)
+    else:
+        best = min(seconds, key=seconds.get)
+    return {
+        "form": best,
+        "seconds": {f: round(s, 5) for f, s in seconds.items()},
+        "memory_mb": memory,
+        "flops": conv_flops(x_shape, w_shape, pads),
+    }
