@@ -303,7 +303,7 @@ def _measure(piece, x_shape, w_shape, pads, dtype) -> dict:
         best = min(seconds, key=seconds.get)
     return {
         "form": best,
-        "seconds": {f: round(s, 5) for f, s in seconds.items()},
+        "seconds": seconds,
         "memory_mb": memory,
         "flops": conv_flops(x_shape, w_shape, pads),
     }
