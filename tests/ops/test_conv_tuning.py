@@ -53,10 +53,13 @@ def test_first_use_measures_and_records_the_fastest(fresh_cache):
     for key, entry in entries.items():
         forms = FORWARD_FORMS if key.startswith("forward") else KERNEL_GRAD_FORMS
         assert set(entry["seconds"]) == set(forms)
-        assert entry["form"] == min(entry["seconds"], key=entry["seconds"].get)
     forward = next(e for k, e in entries.items() if k.startswith("forward"))
     kernel_grad = next(e for k, e in entries.items() if k.startswith("kernel_grad"))
-    assert choice == ConvChoice(forward["form"], forward["form"], kernel_grad["form"])
+
+    def fastest(entry):
+        return min(entry["seconds"], key=entry["seconds"].get)
+
+    assert choice == ConvChoice(fastest(forward), fastest(forward), fastest(kernel_grad))
 
 
 def test_a_second_process_reuses_the_file_and_deleting_it_retunes(fresh_cache):
@@ -114,4 +117,17 @@ def test_candidates_over_the_memory_budget_are_not_timed(fresh_cache, monkeypatc
     forward = next(e for k, e in entries.items() if k.startswith("forward"))
     over = {f for f, mb in forward["memory_mb"].items() if mb * 2**20 > 4 * 6**3 * 4 * 2.5}
     assert over and not over & set(forward["seconds"])
-    assert forward["form"] not in over
+    assert _choose().forward not in over
+
+
+def test_a_lower_memory_budget_applies_to_recorded_entries(fresh_cache, monkeypatch):
+    _choose()
+    entries = json.loads(tuning_file().read_text())["entries"]
+    forward = next(e for k, e in entries.items() if k.startswith("forward"))
+    least = min(forward["memory_mb"].values())
+    fits = {f for f, mb in forward["memory_mb"].items() if mb <= least}
+    assert fits != set(forward["seconds"])  # the budget excludes some
+    monkeypatch.setenv(conv_tuning.ENV_MEMORY, str(least))
+    clear_tuning_memory()
+    assert _choose().forward == min(fits, key=forward["seconds"].get)
+    assert tuning_report().tuned == 0

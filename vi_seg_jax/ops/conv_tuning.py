@@ -13,7 +13,8 @@ memory exceeds a budget is not timed. Environment variables:
 - `VI_SEG_JAX_CONV_TUNING_SECONDS`: the tuning budget per process (default 300; 0 never
   tunes, entries already recorded are still used);
 - `VI_SEG_JAX_CONV_MEMORY_MB`: the memory budget of one candidate (default: an eighth of
-  the machine's memory).
+  the machine's memory). It also applies to recorded entries: a lower budget picks the
+  fastest recorded formulation within it, without retuning.
 
 A multi-process run never tunes (its processes must trace the same program): it uses
 recorded entries and the rule.
@@ -71,10 +72,12 @@ def conv_flops(x_shape, w_shape, pads) -> float:
     return 2.0 * x_shape[0] * out * math.prod(w_shape)
 
 
-def rule_form(x_shape, w_shape, pads, piece: str, backend: str) -> str:
+def rule_form(x_shape, w_shape, pads, piece: str, backend: str, dtype="float32") -> str:
     """The formulation used where nothing was measured: XLA's conv off CPUs; on CPUs GEMMs
-    for large convs and 2D convs for small ones (stacked taps for few input channels)."""
-    if backend != "cpu":
+    for large convs and 2D convs for small ones (stacked taps for few input channels).
+    XLA:CPU has no bfloat16 matrix product accumulating in float32 for every layout, so
+    low-precision kernel gradients keep XLA's conv there."""
+    if backend != "cpu" or (piece == "kernel_grad" and jnp.finfo(dtype).bits < 32):
         return "xla"
     out = math.prod(
         n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, w_shape[:3], strict=True)
@@ -218,8 +221,8 @@ def _piece(piece, x_shape, w_shape, pads, dtype, tune: bool) -> str:
     table, report = _TUNER.entries(), _TUNER.report
     if key in table:
         report.reused += 1
-        return table[key]["form"]
-    rule = rule_form(x_shape, w_shape, pads, piece, backend)
+        return fastest_within_budget(table[key])
+    rule = rule_form(x_shape, w_shape, pads, piece, backend, dtype)
     if not tune or conv_flops(x_shape, w_shape, pads) < MIN_TUNED_FLOPS:
         report.skipped_small += 1
         return rule
@@ -233,7 +236,7 @@ def _piece(piece, x_shape, w_shape, pads, dtype, tune: bool) -> str:
     report.seconds += time.perf_counter() - start
     report.tuned += 1
     _record(key, entry)
-    return entry["form"]
+    return fastest_within_budget(entry)
 
 
 def _read_tuning_file() -> dict:
@@ -284,26 +287,33 @@ def _measure(piece, x_shape, w_shape, pads, dtype) -> dict:
         flush=True,
     )
     for form in forms:
-        compiled = jax.jit(make(form)).lower(x, other).compile()
-        stats = compiled.memory_analysis()
-        need = None if stats is None else stats.temp_size_in_bytes + stats.output_size_in_bytes
-        memory[form] = None if need is None else round(need / 2**20, 1)
-        if need is not None and need > budget:
+        try:
+            compiled = jax.jit(make(form)).lower(x, other).compile()
+            stats = compiled.memory_analysis()
+            need = None if stats is None else stats.temp_size_in_bytes + stats.output_size_in_bytes
+            memory[form] = None if need is None else round(need / 2**20, 1)
+            if need is not None and need > budget:
+                continue
+            jax.block_until_ready(compiled(x, other))
+        except jax.errors.JaxRuntimeError:  # not supported here (e.g. a dtype): no candidate
+            memory[form] = None
             continue
-        jax.block_until_ready(compiled(x, other))
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(x, other))
             times.append(time.perf_counter() - t0)
         seconds[form] = min(times)
-    if not seconds:  # nothing fits: the least memory
-        best = min(memory, key=lambda f: memory[f] or 0.0)
-    else:
-        best = min(seconds, key=seconds.get)
-    return {
-        "form": best,
-        "seconds": seconds,
-        "memory_mb": memory,
-        "flops": conv_flops(x_shape, w_shape, pads),
-    }
+    return {"seconds": seconds, "memory_mb": memory, "flops": conv_flops(x_shape, w_shape, pads)}
+
+
+def fastest_within_budget(entry: dict) -> str:
+    """The fastest measured formulation of an entry whose memory is within today's budget
+    (so the budget can be lowered without retuning), else the one needing least memory."""
+    budget_mb = _memory_budget_bytes() / 2**20
+    memory = entry.get("memory_mb", {})
+    fits = {f: t for f, t in entry["seconds"].items() if (memory.get(f) or 0.0) <= budget_mb}
+    if fits:
+        return min(fits, key=fits.get)
+    known = [f for f, mb in memory.items() if mb is not None] or ["xla"]
+    return min(known, key=lambda f: memory.get(f) or 0.0)
