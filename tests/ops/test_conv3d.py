@@ -106,6 +106,8 @@ def test_2d_matches_lax(x_shape, k_shape, strides, padding):
         ConvChoice("stacked", "gemm", "summed"),
         ConvChoice("xla", "stacked", "gemm"),
         ConvChoice("summed", "xla", "stacked"),
+        ConvChoice("gemm", "summed", "summed@2"),
+        ConvChoice("stacked", "gemm", "stacked@8"),
     ],
     ids=str,
 )

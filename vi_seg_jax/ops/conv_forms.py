@@ -28,7 +28,19 @@ import jax.numpy as jnp
 from jax import lax
 
 FORWARD_FORMS: tuple[str, ...] = ("xla", "summed", "stacked", "gemm")
-KERNEL_GRAD_FORMS: tuple[str, ...] = ("xla", "summed", "stacked", "gemm")
+# "summed@s": the kernel gradient of "summed" accumulated over slabs of `s` output slices of
+# the first spatial axis. XLA's 2D kernel-gradient conv is 2.5-5× faster on such slabs than on
+# the whole folded batch (measured on a 2-core Intel Xeon: 20 → 63 GFLOP/s at 2×64³×16,
+# 35 → 154 at 2×32³×32), and which slab size wins depends on the shape and the machine.
+SLAB_SIZES: tuple[int, ...] = (1, 2, 4, 8)
+KERNEL_GRAD_FORMS: tuple[str, ...] = (
+    "xla",
+    "summed",
+    "stacked",
+    "gemm",
+    *(f"summed@{s}" for s in SLAB_SIZES),
+    *(f"stacked@{s}" for s in (2, 8)),
+)
 
 
 class ConvChoice(NamedTuple):
@@ -315,11 +327,36 @@ def _kernel_grad_gemm(x, dy, kshape, pads, precision) -> jax.Array:
     return jnp.transpose(dw, (*range(a + 1, 4), *range(a), a, 4))
 
 
+def _kernel_grad_by_slabs(form: str, slab: int):
+    """`form`'s kernel gradient summed over slabs of `slab` output slices (first axis)."""
+    by_vjp = _kernel_grad_by_vjp(form)
+
+    def kernel_grad(x, dy, kshape, pads, precision):
+        k0, (lo, hi) = kshape[0], pads[0]
+        x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (lo, hi, 0), *((0, 0, 0),) * 3])
+        rest = ((0, 0), *pads[1:])
+        m = dy.shape[1]
+        parts = [
+            by_vjp(
+                x[:, i : min(i + slab, m) + k0 - 1], dy[:, i : i + slab], kshape, rest, precision
+            )
+            for i in range(0, m, slab)
+        ]
+        return functools.reduce(jnp.add, parts)
+
+    return kernel_grad
+
+
 KERNEL_GRAD: dict[str, Callable] = {
     "xla": _kernel_grad_by_vjp("xla"),
     "summed": _kernel_grad_by_vjp("summed"),
     "stacked": _kernel_grad_by_vjp("stacked"),
     "gemm": _kernel_grad_gemm,
+    **{
+        form: _kernel_grad_by_slabs(form.split("@")[0], int(form.split("@")[1]))
+        for form in KERNEL_GRAD_FORMS
+        if "@" in form
+    },
 }
 
 

@@ -52,7 +52,7 @@ ENV_BUDGET = "VI_SEG_JAX_CONV_TUNING_SECONDS"
 ENV_MEMORY = "VI_SEG_JAX_CONV_MEMORY_MB"
 DEFAULT_BUDGET_SECONDS = 300.0
 # Convs below this many FLOPs per piece use the rule: timing them costs more than it saves.
-MIN_TUNED_FLOPS = 1e9
+MIN_TUNED_FLOPS = 5e8
 TUNING_FORMAT = 1
 
 # The size rule used where nothing was measured (first measured on a 2-core AMD Zen 4 in the
