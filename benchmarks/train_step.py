@@ -4,19 +4,23 @@ Usage (from the repository root):
   python -m benchmarks.train_step [--backbone unet|vnet|fcn|all] [--patch 64] [--batch 2]
       [--channels 4] [--particles 1] [--estimator lrt|full] [--method vi|deterministic|mc_dropout|ensemble]
       [--steps 5] [--devices 1] [--spatial-dims 3] [--precision fp32|bf16] [--clock-ghz GHZ]
-      [--conv-impl auto[,lax,s2d,stacked,summed,fold,fold_stacked,gemm]]
+      [--conv-impl auto[,lax,xla,summed,stacked,gemm]]
 
-Prints one JSON line per backbone: `seconds_per_step` (median of `--steps` timed steps after
-one warm-up call), `voxels_per_second` (batch × patch voxels / s), `peak_rss_mb`,
-`flops_per_step` (XLA's `compiled.cost_analysis()` of the whole step, summed over devices;
-`flops_source` says where it came from), `conv_flops_per_step` (the convolutions' nominal
-FLOPs counted analytically from the step's jaxpr with plain `lax` convs: forward, input and
-weight gradients, the measure a framework-neutral comparison uses), `fraction_of_peak`
-(`flops_per_step / seconds_per_step / peak_flops`), `conv_fraction_of_peak` (the same with
-the nominal conv FLOPs), `peak_flops` with how it was estimated, `compile_seconds`, and the
-settings.
+Prints one JSON line per backbone and `--conv-impl` value: `seconds_per_step` (median of
+`--steps` timed steps after one warm-up call), `voxels_per_second`, `peak_rss_mb` (the
+peak resident memory of that formulation's first two steps alone: Linux `clear_refs` resets
+the peak before them; `peak_rss_basis` says when it could not), `flops_per_step` (XLA's
+`compiled.cost_analysis()` of the whole step, summed over devices; it counts the rewrites'
+extra work), `conv_flops_per_step` (the convolutions' nominal FLOPs counted from the step's
+jaxpr with plain `lax` convs: forward, input and weight gradients, the framework-neutral
+measure), `fraction_of_peak` / `conv_fraction_of_peak` against the nominal peak (cores ×
+clock × vector width), `fraction_of_attainable_peak` / `conv_fraction_of_attainable_peak`
+against the attainable one (`attainable_peak_flops`: a 4096³ fp32 matrix product through
+XLA, timed in the same run), `compile_seconds` (tuning excluded), `tuning_seconds` and
+`tuning_pieces` (conv pieces measured now, read from the tuning file, or left to the rule;
+see `vi_seg_jax.ops.conv_tuning`), and the settings.
 
-Peak FLOP/s: on CPU, cores × clock × FLOP/cycle/core. The clock is `cpu MHz` from
+Nominal peak FLOP/s: on CPU, cores × clock × FLOP/cycle/core. The clock is `cpu MHz` from
 /proc/cpuinfo (`--clock-ghz` overrides it; boost clocks under load can be higher). FLOP/cycle
 for fp32: AVX-512 with two 512-bit FMA units → 64; AVX2+FMA (two 256-bit FMA units) → 32;
 AMD Zen 4 (family 0x19) executes AVX-512 on its two 256-bit FMA units → 32. On a GPU, a
@@ -29,23 +33,14 @@ the device reports it (GPU).
 
 `--devices N` (CPU) forces N host devices (`--xla_force_host_platform_device_count`, set
 before jax is imported) and trains on the mesh of `vi_seg_jax.parallel` (the batch sharded,
-the state replicated; the batch must divide by N). `--conv-impl a,b,...` compiles the step under
-each `_blocks.conv_impl` choice and times them interleaved, adding `speedup_over_<a>` (the
-median of per-round time ratios: robust on a shared, noisy machine). `peak_rss_mb` is the
-process's peak so far (it includes earlier backbones / choices of the same run).
-
-Measured (2-core AMD EPYC Zen 4 at 2.6 GHz, 166 GFLOP/s peak by the rule above; jax 0.10.2;
-defaults: 3D U-Net of the paper code, LRT, 1 particle, 2×4×64³; 374 GFLOP nominal conv work
-per step, 486 GFLOP by XLA's cost analysis, which counts the rewrites' extra work):
-- "auto" (the default): 5.36 s/step on a quiet machine, `conv_fraction_of_peak` 0.42
-  (`fraction_of_peak` 0.55), against the PyTorch implementation's 6.6 s/step (~28%);
-  with `--devices 2` 5.18 s (1.04× in an interleaved in-process comparison).
-- Interleaved ratios in one run: "auto" 2.62× faster than "s2d" (the previous 3D convs,
-  14.2 s), 1.20× than "summed", 1.10× than "stacked" (2.4-2.8× and 1.07-1.2× in runs
-  under load);
-  "gemm" everywhere 0.95× of "auto".
-- `--backbone all` (3 steps): U-Net 5.9 s, V-Net 9.7 s, FCN 2.8 s, 0.38-0.41 of peak.
-Other processes sharing the 2 cores can double step times; compare within one run.
+the state replicated; the batch must divide by N). `--conv-impl a,b,...` compiles the step
+with the backbone's convolutions computed by each `vi_seg_jax.ops.ConvEngine` impl ("auto":
+the formulations measured fastest on this machine, tuning first where needed; "lax": XLA's
+own convs; "xla", "summed", "stacked", "gemm": one formulation everywhere) and times them
+interleaved, adding `speedup_over_<a>` (the median of per-round time ratios: robust on a
+shared, noisy machine). A second run reads the tuning file (`tuning_seconds` ≈ 0); deleting
+`tuning_file` retunes. Measured numbers, with the CPU they were measured on, are in the
+README's Performance section.
 """
 
 from __future__ import annotations

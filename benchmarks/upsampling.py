@@ -38,8 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vi_seg_jax.backbones import UNet
-from vi_seg_jax.backbones._blocks import upsample2x
+from vi_seg_jax.backbones import UNet, upsample2x
 
 
 class _Up(nn.Module):

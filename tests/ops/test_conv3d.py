@@ -20,7 +20,7 @@ from jax import lax
 
 from vi_seg_jax.backbones import UNet
 from vi_seg_jax.ops import CONV_IMPLS, ConvChoice, ConvEngine
-from vi_seg_jax.ops.conv_forms import conv_stride1
+from vi_seg_jax.ops.conv3d import conv_stride1
 from vi_seg_jax.ops.conv_tuning import rule_form
 
 # (input shape, kernel shape, strides, padding): the backbones' convs and odd sizes.

@@ -6,11 +6,13 @@ own cache folder: never a full tuning run.
 
 import json
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from vi_seg_jax.ops import (
     ConvChoice,
+    ConvEngine,
     clear_tuning_memory,
     conv_choice,
     conv_tuning,
@@ -131,3 +133,19 @@ def test_a_lower_memory_budget_applies_to_recorded_entries(fresh_cache, monkeypa
     clear_tuning_memory()
     assert _choose().forward == min(fits, key=forward["seconds"].get)
     assert tuning_report().tuned == 0
+
+
+def test_a_forward_only_program_tunes_no_gradient(fresh_cache):
+    engine = ConvEngine()
+    x, w = jnp.ones(X_SHAPE, jnp.float32), jnp.ones(W_SHAPE, jnp.float32)
+    dn = ("NDHWC", "DHWIO", "NDHWC")
+
+    def forward(x, w):
+        return jnp.sum(engine(x, w, (1, 1, 1), PADS, dimension_numbers=dn))
+
+    jax.jit(forward).lower(x, w)
+    keys = json.loads(tuning_file().read_text())["entries"]
+    assert [k.split()[0] for k in keys] == ["forward"] and tuning_report().tuned == 1
+    jax.jit(jax.grad(forward, argnums=1)).lower(x, w)
+    keys = json.loads(tuning_file().read_text())["entries"]
+    assert sorted(k.split()[0] for k in keys) == ["forward", "kernel_grad"]

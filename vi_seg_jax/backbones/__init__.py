@@ -23,11 +23,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from vi_seg_jax.backbones._blocks import upsample2x
 from vi_seg_jax.backbones.fcn import FCN
 from vi_seg_jax.backbones.unet import UNet
 from vi_seg_jax.backbones.vnet import VNet
 
-__all__ = ["BACKBONES", "FCN", "UNet", "VNet", "count_params", "get_backbone"]
+__all__ = [
+    "BACKBONES",
+    "FCN",
+    "UNet",
+    "VNet",
+    "count_params",
+    "get_backbone",
+    "upsample2x",
+]
 
 BACKBONES: dict[str, type[nn.Module]] = {"unet": UNet, "vnet": VNet, "fcn": FCN}
 

@@ -14,6 +14,7 @@ backward pass than XLA's own conv does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -22,8 +23,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vi_seg_jax.ops.conv_forms import FORWARD_FORMS, ConvChoice, channels_last, conv_stride1
-from vi_seg_jax.ops.conv_tuning import conv_choice
+from vi_seg_jax.ops.conv_forms import (
+    FORWARD,
+    FORWARD_FORMS,
+    KERNEL_GRAD,
+    ConvChoice,
+    channels_last,
+    input_grad_conv,
+)
+from vi_seg_jax.ops.conv_tuning import piece_form
 
 # `ConvEngine.impl`: "auto" (measured), "lax" (XLA's conv with no rewrite at all), or one
 # formulation for every piece of every 3D conv.
@@ -46,8 +54,10 @@ class ConvEngine:
       `Q = ceil(K / s)`, space-to-depth by `s`, and a stride-1 VALID conv with the kernel
       zero-padded to `Q * s` and rearranged to `(Q,) * d + (s**d * C_in, C_out)` (2.4× the
       strided conv's FLOPs for 3×3×3 stride 2, and still faster forward+backward).
-    Every stride-1 3D conv is then computed by `conv_choice(...)` (`impl="auto"`), or by
-    `impl` for all three pieces. 1×1×1 kernels are a matrix product per voxel, always GEMMs.
+    Every stride-1 3D conv is then computed piece by piece (`conv_stride1`): with
+    `impl="auto"` each piece by `conv_tuning.piece_form`, looked up (or measured) when that
+    piece is traced, so a forward-only program never tunes gradients; otherwise by `impl`.
+    1×1×1 kernels are a matrix product per voxel, always GEMMs.
 
     Attributes:
       impl: one of `CONV_IMPLS`.
@@ -105,16 +115,15 @@ class ConvEngine:
             padding = lax.padtype_to_pads(spatial, ksize, strides, padding)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         x, w, pads = _as_stride1(lhs, rhs, strides, pads)
-        choice = self.choice(x.shape, w.shape, pads, x.dtype)
-        return conv_stride1(x, w, pads, choice, precision, preferred_element_type)
+        return conv_stride1(x, w, pads, self.choice(w.shape), precision, preferred_element_type)
 
-    def choice(self, x_shape, w_shape, pads, dtype) -> ConvChoice:
-        """The formulations of a stride-1 conv of these shapes under this engine."""
+    def choice(self, w_shape) -> ConvChoice:
+        """The formulations of a stride-1 conv with this kernel ("auto": measured)."""
         if all(k == 1 for k in w_shape[:3]):
             return ConvChoice.every("gemm")
-        if self.impl != "auto":
-            return ConvChoice.every(self.impl)
-        return conv_choice(x_shape, w_shape, pads, dtype)
+        # "auto": each piece is looked up (or measured) when it is traced, so a forward-only
+        # program never tunes gradients.
+        return ConvChoice.every(self.impl)
 
 
 def _as_stride1(lhs, rhs, strides, pads):
@@ -161,3 +170,35 @@ def _as_stride1(lhs, rhs, strides, pads):
 
 
 # --------------------------------------------------------------------------- one conv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_stride1(x, w, pads, choice: ConvChoice, precision, preferred_element_type):
+    """A stride-1 channels-last 3D conv computed piece by piece as `choice` says ("auto":
+    `conv_tuning.piece_form`, resolved when the piece is traced)."""
+    form = _resolve(choice.forward, "forward", x.shape, w.shape, pads, x.dtype)
+    return FORWARD[form](x, w, pads, precision, preferred_element_type)
+
+
+def _conv_fwd(x, w, pads, choice, precision, preferred_element_type):
+    # Only the operands are kept: every expanded intermediate is rebuilt in the backward pass.
+    return conv_stride1(x, w, pads, choice, precision, preferred_element_type), (x, w)
+
+
+def _conv_bwd(pads, choice, precision, preferred_element_type, residuals, dy):
+    del preferred_element_type
+    x, w = residuals
+    transform, pads_t = input_grad_conv(w.shape, pads)
+    w_t = transform(w.astype(dy.dtype))
+    dx_form = _resolve(choice.input_grad, "forward", dy.shape, w_t.shape, pads_t, dy.dtype)
+    dw_form = _resolve(choice.kernel_grad, "kernel_grad", x.shape, w.shape, pads, x.dtype)
+    dx = FORWARD[dx_form](dy, w_t, pads_t, precision, None)
+    dw = KERNEL_GRAD[dw_form](x, dy.astype(x.dtype), w.shape, pads, precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv_stride1.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _resolve(form: str, piece: str, x_shape, w_shape, pads, dtype) -> str:
+    return piece_form(piece, x_shape, w_shape, pads, dtype) if form == "auto" else form

@@ -67,29 +67,6 @@ def channels_last(nd: int) -> lax.ConvDimensionNumbers:
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def conv_stride1(x, w, pads, choice: ConvChoice, precision, preferred_element_type):
-    """A stride-1 channels-last 3D conv computed piece by piece as `choice` says."""
-    return FORWARD[choice.forward](x, w, pads, precision, preferred_element_type)
-
-
-def _conv_fwd(x, w, pads, choice, precision, preferred_element_type):
-    # Only the operands are kept: every expanded intermediate is rebuilt in the backward pass.
-    return conv_stride1(x, w, pads, choice, precision, preferred_element_type), (x, w)
-
-
-def _conv_bwd(pads, choice, precision, preferred_element_type, residuals, dy):
-    del preferred_element_type
-    x, w = residuals
-    w_t, pads_t = input_grad_conv(w.shape, pads)
-    dx = FORWARD[choice.input_grad](dy, w_t(w.astype(dy.dtype)), pads_t, precision, None)
-    dw = KERNEL_GRAD[choice.kernel_grad](x, dy.astype(x.dtype), w.shape, pads, precision)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-conv_stride1.defvjp(_conv_fwd, _conv_bwd)
-
-
 def input_grad_conv(kshape, pads) -> tuple[Callable[[jax.Array], jax.Array], tuple]:
     """The input gradient of a stride-1 conv as a conv: (kernel transform, its pads).
 

@@ -52,7 +52,7 @@ ENV_BUDGET = "VI_SEG_JAX_CONV_TUNING_SECONDS"
 ENV_MEMORY = "VI_SEG_JAX_CONV_MEMORY_MB"
 DEFAULT_BUDGET_SECONDS = 300.0
 # Convs below this many FLOPs per piece use the rule: timing them costs more than it saves.
-MIN_TUNED_FLOPS = 5e8
+MIN_TUNED_FLOPS = 1e9
 TUNING_FORMAT = 1
 
 # The size rule used where nothing was measured (first measured on a 2-core AMD Zen 4 in the
@@ -181,30 +181,38 @@ def tuning_file() -> Path:
     return cache_root() / "conv3d_tuning" / f"{_machine()[1]}.json"
 
 
-def conv_choice(x_shape, w_shape, pads, dtype) -> ConvChoice:
-    """The fastest measured formulation of each piece of a stride-1 3D conv on this machine.
-
-    `VI_SEG_JAX_CONV_IMPL` forces one; otherwise each piece's entry is read from the tuning
-    file, measured now when the conv is large enough and the budget allows, else the rule.
-    """
+def piece_form(piece: str, x_shape, w_shape, pads, dtype) -> str:
+    """The formulation of one piece ("forward", also for input gradients, or "kernel_grad")
+    of a stride-1 3D conv on this machine: `VI_SEG_JAX_CONV_FORMULATION` if set, else the
+    tuning file's entry, measured now when the conv is large enough and the budget allows,
+    else the rule."""
     forced = os.environ.get(ENV_FORMULATION, "").strip()
     if forced and forced != "rule":
         if forced not in FORWARD_FORMS:
             raise ValueError(
                 f"{ENV_FORMULATION} must be one of {(*FORWARD_FORMS, 'rule')}, got {forced!r}"
             )
-        return ConvChoice.every(forced)
-    tune = forced != "rule"
-    dtype = jnp.dtype(dtype).name
-    x_shape, w_shape = tuple(map(int, x_shape)), tuple(map(int, w_shape))
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+        return forced
+    return _piece(
+        piece,
+        tuple(map(int, x_shape)),
+        tuple(map(int, w_shape)),
+        tuple((int(lo), int(hi)) for lo, hi in pads),
+        jnp.dtype(dtype).name,
+        tune=forced != "rule",
+    )
+
+
+def conv_choice(x_shape, w_shape, pads, dtype) -> ConvChoice:
+    """`piece_form` of all three pieces of a stride-1 3D conv (the input gradient is the conv
+    of the output gradient with the flipped, transposed kernel)."""
     _, pads_t = input_grad_conv(w_shape, pads)
     dy_shape = (*_out_shape(x_shape, w_shape, pads), w_shape[-1])
     wt_shape = (*w_shape[:3], w_shape[-1], w_shape[-2])
     return ConvChoice(
-        _piece("forward", x_shape, w_shape, pads, dtype, tune),
-        _piece("forward", dy_shape, wt_shape, pads_t, dtype, tune),
-        _piece("kernel_grad", x_shape, w_shape, pads, dtype, tune),
+        piece_form("forward", x_shape, w_shape, pads, dtype),
+        piece_form("forward", dy_shape, wt_shape, pads_t, dtype),
+        piece_form("kernel_grad", x_shape, w_shape, pads, dtype),
     )
 
 
