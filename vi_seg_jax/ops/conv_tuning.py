@@ -54,6 +54,9 @@ DEFAULT_BUDGET_SECONDS = 300.0
 # Convs below this many FLOPs per piece use the rule: timing them costs more than it saves.
 MIN_TUNED_FLOPS = 1e9
 TUNING_FORMAT = 1
+# Slab-wise kernel gradients with more slabs than this are not candidates: compile time grows
+# with the slab count (128 one-slice slabs at 128³ took longer to compile than to tune).
+MAX_SLABS = 32
 
 # The size rule used where nothing was measured (first measured on a 2-core AMD Zen 4 in the
 # paper U-Net's LRT step): stack the depth taps into the channels while `K0 * C_in` is at
@@ -284,7 +287,8 @@ def _measure(piece, x_shape, w_shape, pads, dtype) -> dict:
         other = jnp.asarray(
             rng.normal(size=(*_out_shape(x_shape, w_shape, pads), w_shape[-1])), dtype
         )
-        forms = KERNEL_GRAD_FORMS
+        slices = _out_shape(x_shape, w_shape, pads)[1]
+        forms = [f for f in KERNEL_GRAD_FORMS if -(-slices // _slab(f)) <= MAX_SLABS]
         make = lambda form: lambda x, dy: KERNEL_GRAD[form](x, dy, w_shape, pads, None)  # noqa: E731
     budget = _memory_budget_bytes()
     seconds, memory = {}, {}
@@ -313,6 +317,11 @@ def _measure(piece, x_shape, w_shape, pads, dtype) -> dict:
             times.append(time.perf_counter() - t0)
         seconds[form] = min(times)
     return {"seconds": seconds, "memory_mb": memory, "flops": conv_flops(x_shape, w_shape, pads)}
+
+
+def _slab(form: str) -> int:
+    """Output slices per slab of a slab-wise kernel gradient ("summed@4"), 1 otherwise."""
+    return int(form.split("@")[1]) if "@" in form else 1
 
 
 def fastest_within_budget(entry: dict) -> str:
