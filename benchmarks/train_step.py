@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
   python -m benchmarks.train_step [--backbone unet|vnet|fcn|all] [--patch 64] [--batch 2]
-      [--channels 4] [--particles 1] [--estimator lrt|full] [--method vi|deterministic|mc_dropout|ensemble]
+      [--channels 4] [--features 16 32 64 128] [--particles 1] [--estimator lrt|full] [--method vi|deterministic|mc_dropout|ensemble]
       [--steps 5] [--devices 1] [--spatial-dims 3] [--precision fp32|bf16] [--clock-ghz GHZ]
       [--conv-impl auto[,lax,xla,summed,stacked,gemm]]
 
@@ -88,6 +88,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--patch", type=int, default=64, help="patch edge (voxels)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--channels", type=int, default=4, help="input channels")
+    parser.add_argument(
+        "--features", type=int, nargs="+", default=None, help="channels per level (default: paper)"
+    )
     parser.add_argument("--particles", type=int, default=1)
     parser.add_argument("--estimator", default="lrt", choices=("lrt", "full"))
     parser.add_argument(
@@ -115,26 +118,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- peak FLOP/s
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where unavailable)."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    if info:
-                        break
-                    continue
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return info
-
-
 def cpu_peak_flops(clock_ghz: float | None = None) -> dict[str, Any]:
     """Estimated fp32 peak of this CPU: cores × clock × FLOP/cycle/core, and how."""
-    info = _cpuinfo()
+    from vi_seg_jax.ops.conv_tuning import cpu_info
+
+    info = cpu_info()
     flags = set(info.get("flags", "").split())
     cores = os.cpu_count() or 1
     vendor = info.get("vendor_id", "")
@@ -299,7 +287,8 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     d = args.spatial_dims
     spatial = (args.patch,) * d
     # XLA's convs for initialisation: tuning happens in the timed formulations' compiles.
-    backbone = get_backbone(name, num_classes=2, spatial_dims=d, conv=ConvEngine("lax"))
+    widths = {} if args.features is None else {"features": tuple(args.features)}
+    backbone = get_backbone(name, num_classes=2, spatial_dims=d, conv=ConvEngine("lax"), **widths)
     spec = ModelSpec(
         backbone,
         MethodConfig(method=args.method, estimator=args.estimator, num_particles=args.particles),
@@ -402,6 +391,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             "spatial_dims": d,
             "batch": args.batch,
             "channels": args.channels,
+            "features": list(backbone.features),
             "particles": args.particles,
             "estimator": args.estimator,
             "method": args.method,

@@ -1,6 +1,6 @@
 """Which formulation computes each piece of a 3D conv: measured once per machine, then read.
 
-`conv_choice` times the candidates of a piece (`conv_forms.FORWARD` for the forward pass and
+`piece_form` times the candidates of a piece (`conv_forms.FORWARD` for the forward pass and
 the input gradient, `conv_forms.KERNEL_GRAD` for the kernel gradient) the first time a
 (machine, jax version, shape, dtype) is seen and records the fastest in a JSON file in the
 cache folder (`tuning_file()`), the way cuDNN's benchmark mode and XLA's GPU autotuner work;
@@ -35,6 +35,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from vi_seg_jax.io.folders import cache_root, write_text_atomic
@@ -133,8 +134,6 @@ def clear_tuning_memory() -> None:
 
 def machine_description() -> dict[str, str]:
     """What a measurement depends on: backend and device (CPU model, ISA flags, cores), jax."""
-    import jaxlib
-
     device = jax.devices()[0]
     desc = {
         "backend": jax.default_backend(),
@@ -143,7 +142,7 @@ def machine_description() -> dict[str, str]:
         "jaxlib": jaxlib.__version__,
     }
     if desc["backend"] == "cpu":
-        info = _cpuinfo()
+        info = cpu_info()
         flags = sorted(
             f for f in info.get("flags", "").split() if f.startswith(("avx", "fma", "amx"))
         )
@@ -155,7 +154,7 @@ def machine_description() -> dict[str, str]:
     return desc
 
 
-def _cpuinfo() -> dict[str, str]:
+def cpu_info() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (empty where unavailable)."""
     info: dict[str, str] = {}
     try:
