@@ -149,3 +149,14 @@ def test_a_forward_only_program_tunes_no_gradient(fresh_cache):
     jax.jit(jax.grad(forward, argnums=1)).lower(x, w)
     keys = json.loads(tuning_file().read_text())["entries"]
     assert sorted(k.split()[0] for k in keys) == ["forward", "kernel_grad"]
+
+
+def test_a_read_only_cache_still_tunes_for_the_process(fresh_cache, monkeypatch):
+    blocked = fresh_cache / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(blocked))  # the tuning folder cannot be made
+    clear_tuning_memory()
+    with pytest.warns(UserWarning, match="tuning file"):
+        first = _choose()
+    assert tuning_report().tuned == 2
+    assert _choose() == first and tuning_report().tuned == 2  # remembered in the process

@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -110,6 +111,7 @@ class _Tuner:
     def __init__(self) -> None:
         self.table: dict[str, dict] | None = None  # the file's entries, once read
         self.report = TuningReport()
+        self.warned = False
 
     def entries(self) -> dict[str, dict]:
         if self.table is None:
@@ -262,7 +264,16 @@ def _record(key: str, entry: dict) -> None:
     _TUNER.entries()[key] = entry
     data = _read_tuning_file() or {"format": TUNING_FORMAT, "machine": _machine()[0]}
     data.setdefault("entries", {})[key] = entry
-    write_text_atomic(tuning_file(), json.dumps(data, indent=1, sort_keys=True) + "\n")
+    try:
+        write_text_atomic(tuning_file(), json.dumps(data, indent=1, sort_keys=True) + "\n")
+    except OSError as error:  # a read-only cache: this process still uses what it measured
+        if not _TUNER.warned:
+            _TUNER.warned = True
+            warnings.warn(
+                f"cannot write the convolution tuning file {tuning_file()}: {error}; "
+                "measurements are kept for this process only",
+                stacklevel=2,
+            )
 
 
 def _memory_budget_bytes() -> float:
