@@ -29,7 +29,8 @@ from vi_seg_jax.ops.conv_forms import (
     KERNEL_GRAD,
     ConvChoice,
     channels_last,
-    input_grad_conv,
+    input_grad_kernel,
+    input_grad_pads,
 )
 from vi_seg_jax.ops.conv_tuning import piece_form
 
@@ -188,8 +189,7 @@ def _conv_fwd(x, w, pads, choice, precision, preferred_element_type):
 def _conv_bwd(pads, choice, precision, preferred_element_type, residuals, dy):
     del preferred_element_type
     x, w = residuals
-    transform, pads_t = input_grad_conv(w.shape, pads)
-    w_t = transform(w.astype(dy.dtype))
+    w_t, pads_t = input_grad_kernel(w.astype(dy.dtype)), input_grad_pads(w.shape, pads)
     dx_form = _resolve(choice.input_grad, "forward", dy.shape, w_t.shape, pads_t, dy.dtype)
     dw_form = _resolve(choice.kernel_grad, "kernel_grad", x.shape, w.shape, pads, x.dtype)
     dx = FORWARD[dx_form](dy, w_t, pads_t, precision, None)

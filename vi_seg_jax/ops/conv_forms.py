@@ -67,13 +67,15 @@ def channels_last(nd: int) -> lax.ConvDimensionNumbers:
     )
 
 
-def input_grad_conv(kshape, pads) -> tuple[Callable[[jax.Array], jax.Array], tuple]:
-    """The input gradient of a stride-1 conv as a conv: (kernel transform, its pads).
+def input_grad_pads(kshape, pads) -> tuple[tuple[int, int], ...]:
+    """The padding of the conv that is a stride-1 conv's input gradient:
+    `dx = conv(dy, input_grad_kernel(w))` with padding `K - 1 - pad` on each side."""
+    return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kshape[:3], pads, strict=True))
 
-    `dx = conv(dy, flip(w)ᵀ)` with padding `K - 1 - pad` on each side.
-    """
-    pads_t = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kshape[:3], pads, strict=True))
-    return (lambda w: jnp.swapaxes(jnp.flip(w, (0, 1, 2)), -1, -2)), pads_t
+
+def input_grad_kernel(w: jax.Array) -> jax.Array:
+    """The kernel of that conv: `w` flipped spatially, input and output channels swapped."""
+    return jnp.swapaxes(jnp.flip(w, (0, 1, 2)), -1, -2)
 
 
 def _accumulation_dtype(dtype: Any, preferred_element_type: Any) -> tuple[Any, Any]:

@@ -46,7 +46,7 @@ from vi_seg_jax.ops.conv_forms import (
     KERNEL_GRAD,
     KERNEL_GRAD_FORMS,
     ConvChoice,
-    input_grad_conv,
+    input_grad_pads,
 )
 
 ENV_FORMULATION = "VI_SEG_JAX_CONV_FORMULATION"
@@ -210,7 +210,7 @@ def piece_form(piece: str, x_shape, w_shape, pads, dtype) -> str:
 def conv_choice(x_shape, w_shape, pads, dtype) -> ConvChoice:
     """`piece_form` of all three pieces of a stride-1 3D conv (the input gradient is the conv
     of the output gradient with the flipped, transposed kernel)."""
-    _, pads_t = input_grad_conv(w_shape, pads)
+    pads_t = input_grad_pads(w_shape, pads)
     dy_shape = (*_out_shape(x_shape, w_shape, pads), w_shape[-1])
     wt_shape = (*w_shape[:3], w_shape[-1], w_shape[-2])
     return ConvChoice(
