@@ -25,7 +25,7 @@ print(json.dumps({"check": "devices", "platform": device.platform, "device": dev
 
 status=0
 "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 \
-    tests/ops/test_conv3d.py \
+    tests/ops/test_conv3d.py tests/ops/test_conv_tuning.py \
     tests/test_uncertainty.py \
     "tests/train/test_step.py::test_variational_training_drives_loss_down_and_dice_up[unet]" \
     "tests/train/test_step.py::test_bf16_training_computes_in_bfloat16_and_still_learns" \
@@ -34,8 +34,9 @@ status=0
 
 for patch in 64 128; do
     for precision in fp32 bf16; do
+        # "auto" tunes XLA's convs against the rewrites on the GPU; "lax" is XLA's alone.
         "$PYTHON" -m benchmarks.train_step --patch "$patch" --precision "$precision" --steps 5 \
-            || status=1
+            --conv-impl auto,lax || status=1
     done
 done
 "$PYTHON" -m benchmarks.predict --size 128 --samples 16 --chunk 4 --window 128 \

@@ -49,7 +49,7 @@ def test_first_use_measures_and_records_the_fastest(fresh_cache):
     path = tuning_file()
     assert path.parent.parent == fresh_cache and path.exists()
     data = json.loads(path.read_text())
-    assert data["machine"]["jax"] and data["machine"]["backend"] == "cpu"
+    assert data["machine"]["jax"] and data["machine"]["backend"] == jax.default_backend()
     entries = data["entries"]
     assert len(entries) == 2
     for key, entry in entries.items():
@@ -92,7 +92,7 @@ def test_forced_formulation_and_rule_measure_nothing(fresh_cache, monkeypatch):
     monkeypatch.setenv(conv_tuning.ENV_FORMULATION, "xla")
     assert _choose() == ConvChoice.every("xla")
     monkeypatch.setenv(conv_tuning.ENV_FORMULATION, "rule")
-    rule = conv_tuning.rule_form(X_SHAPE, W_SHAPE, PADS, "forward", "cpu")
+    rule = conv_tuning.rule_form(X_SHAPE, W_SHAPE, PADS, "forward", jax.default_backend())
     assert _choose().forward == rule
     assert tuning_report().tuned == 0 and not tuning_file().exists()
     monkeypatch.setenv(conv_tuning.ENV_FORMULATION, "fastest")
