@@ -71,10 +71,7 @@ GEMM_MIN_VOXELS = 2 * 48**3
 
 def conv_flops(x_shape, w_shape, pads) -> float:
     """Nominal FLOPs (2 per multiply-add) of one stride-1 conv (= each of its gradients)."""
-    out = math.prod(
-        n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, w_shape[:3], strict=True)
-    )
-    return 2.0 * x_shape[0] * out * math.prod(w_shape)
+    return 2.0 * math.prod(_out_shape(x_shape, w_shape, pads)) * math.prod(w_shape)
 
 
 def rule_form(x_shape, w_shape, pads, piece: str, backend: str, dtype="float32") -> str:
@@ -84,11 +81,8 @@ def rule_form(x_shape, w_shape, pads, piece: str, backend: str, dtype="float32")
     low-precision kernel gradients keep XLA's conv there."""
     if backend != "cpu" or (piece == "kernel_grad" and jnp.finfo(dtype).bits < 32):
         return "xla"
-    out = math.prod(
-        n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, w_shape[:3], strict=True)
-    )
     stacked = w_shape[0] * w_shape[-2] <= STACK_MAX_CHANNELS
-    if x_shape[0] * out >= GEMM_MIN_VOXELS or max(w_shape[:3]) == 2:
+    if math.prod(_out_shape(x_shape, w_shape, pads)) >= GEMM_MIN_VOXELS or max(w_shape[:3]) == 2:
         return "gemm" if stacked or piece == "kernel_grad" else "summed"
     return "stacked" if stacked else "summed"
 
@@ -221,6 +215,7 @@ def conv_choice(x_shape, w_shape, pads, dtype) -> ConvChoice:
 
 
 def _out_shape(x_shape, w_shape, pads) -> tuple[int, ...]:
+    """(batch, *spatial) of a stride-1 conv's output."""
     spatial = (
         n + lo + hi - k + 1 for n, (lo, hi), k in zip(x_shape[1:4], pads, w_shape[:3], strict=True)
     )
@@ -294,10 +289,9 @@ def _measure(piece, x_shape, w_shape, pads, dtype) -> dict:
         forms = FORWARD_FORMS
         make = lambda form: lambda x, w: FORWARD[form](x, w, pads, None, None)  # noqa: E731
     else:
-        other = jnp.asarray(
-            rng.normal(size=(*_out_shape(x_shape, w_shape, pads), w_shape[-1])), dtype
-        )
-        slices = _out_shape(x_shape, w_shape, pads)[1]
+        out_shape = _out_shape(x_shape, w_shape, pads)
+        other = jnp.asarray(rng.normal(size=(*out_shape, w_shape[-1])), dtype)
+        slices = out_shape[1]
         forms = [f for f in KERNEL_GRAD_FORMS if -(-slices // _slab(f)) <= MAX_SLABS]
         make = lambda form: lambda x, dy: KERNEL_GRAD[form](x, dy, w_shape, pads, None)  # noqa: E731
     budget = _memory_budget_bytes()
