@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.ops.conv_tuning import check_settings as check_conv_settings
 from vi_seg_jax.parallel import DistributedConfig
 
 EXIT_BAD_INPUT = 2
@@ -38,6 +39,7 @@ def run_cli(
     warnings.formatwarning = _one_line_warning
     enable_compile_cache()
     try:
+        check_conv_settings()
         status = main(argv)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

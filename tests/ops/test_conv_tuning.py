@@ -5,11 +5,15 @@ own cache folder: never a full tuning run.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from vi_seg_jax.errors import DataError
 from vi_seg_jax.ops import (
     ConvChoice,
     ConvEngine,
@@ -96,8 +100,32 @@ def test_forced_formulation_and_rule_measure_nothing(fresh_cache, monkeypatch):
     assert _choose().forward == rule
     assert tuning_report().tuned == 0 and not tuning_file().exists()
     monkeypatch.setenv(conv_tuning.ENV_FORMULATION, "fastest")
-    with pytest.raises(ValueError, match=conv_tuning.ENV_FORMULATION):
+    with pytest.raises(DataError, match=conv_tuning.ENV_FORMULATION):
         _choose()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (conv_tuning.ENV_FORMULATION, "fastest"),
+        (conv_tuning.ENV_BUDGET, "ten"),
+        (conv_tuning.ENV_MEMORY, "-5"),
+    ],
+)
+def test_a_bad_setting_is_a_one_line_cli_error(name, value, tmp_path):
+    """Checked before the command does anything: exit 2, one line naming the variable."""
+    env = {**os.environ, name: value, "VI_SEG_JAX_CACHE": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--workdir", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert name in run.stderr and value in run.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_zero_budget_and_small_convs_use_the_rule(fresh_cache, monkeypatch):

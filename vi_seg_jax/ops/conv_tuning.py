@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from vi_seg_jax.errors import DataError
 from vi_seg_jax.io.folders import cache_root, write_text_atomic
 from vi_seg_jax.ops.conv_forms import (
     FORWARD,
@@ -179,17 +180,42 @@ def tuning_file() -> Path:
     return cache_root() / "conv3d_tuning" / f"{_machine()[1]}.json"
 
 
+def check_settings() -> None:
+    """Checks the environment variables above; a bad value is a `DataError` naming it."""
+    _forced_formulation()
+    _env_number(ENV_BUDGET, DEFAULT_BUDGET_SECONDS)
+    _env_number(ENV_MEMORY, 0.0)
+
+
+def _forced_formulation() -> str:
+    forced = os.environ.get(ENV_FORMULATION, "").strip()
+    if forced and forced != "rule" and forced not in FORWARD_FORMS:
+        raise DataError(
+            ENV_FORMULATION, f"expected one of {', '.join(FORWARD_FORMS)} or rule, got {forced!r}"
+        )
+    return forced
+
+
+def _env_number(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise DataError(name, f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def piece_form(piece: str, x_shape, w_shape, pads, dtype) -> str:
     """The formulation of one piece ("forward", also for input gradients, or "kernel_grad")
     of a stride-1 3D conv on this machine: `VI_SEG_JAX_CONV_FORMULATION` if set, else the
     tuning file's entry, measured now when the conv is large enough and the budget allows,
     else the rule."""
-    forced = os.environ.get(ENV_FORMULATION, "").strip()
+    forced = _forced_formulation()
     if forced and forced != "rule":
-        if forced not in FORWARD_FORMS:
-            raise ValueError(
-                f"{ENV_FORMULATION} must be one of {(*FORWARD_FORMS, 'rule')}, got {forced!r}"
-            )
         return forced
     return _piece(
         piece,
@@ -233,8 +259,7 @@ def _piece(piece, x_shape, w_shape, pads, dtype, tune: bool) -> str:
     if not tune or conv_flops(x_shape, w_shape, pads) < MIN_TUNED_FLOPS:
         report.skipped_small += 1
         return rule
-    budget = float(os.environ.get(ENV_BUDGET, DEFAULT_BUDGET_SECONDS))
-    if report.seconds >= budget or jax.process_count() > 1:
+    if report.seconds >= _env_number(ENV_BUDGET, DEFAULT_BUDGET_SECONDS) or jax.process_count() > 1:
         report.skipped_budget += 1
         return rule
     start = time.perf_counter()
@@ -273,7 +298,7 @@ def _record(key: str, entry: dict) -> None:
 
 def _memory_budget_bytes() -> float:
     if os.environ.get(ENV_MEMORY):
-        return float(os.environ[ENV_MEMORY]) * 2**20
+        return _env_number(ENV_MEMORY, 0.0) * 2**20
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 8
     except (ValueError, OSError, AttributeError):
