@@ -6,7 +6,7 @@ Usage (from the repository root):
       [--repeats 3] [--seed 0] [--memory-sweep 8,64] [--shape X Y Z]
 
 Prints one JSON line. The model is a randomly initialised VI network of the `quick` preset
-(`experiments/configs.py`; `--features` overrides its channels), built with `build_spec` +
+(`experiments/configs.py`; `--features` overrides its channels), built with `train.build.build_spec` +
 `create_train_state`: no training or checkpoint needed, and the cost of a sample does not
 depend on the weights' values.
 
@@ -150,7 +150,7 @@ def build_model(args: argparse.Namespace):
     from experiments.configs import get_config, with_overrides
     from vi_seg_jax.data.conventions import MODALITIES
     from vi_seg_jax.predict import TrainedModel
-    from vi_seg_jax.train.loop import build_spec
+    from vi_seg_jax.train.build import build_spec
     from vi_seg_jax.train.state import create_train_state
 
     config = get_config(args.backbone, "quick")
@@ -375,7 +375,7 @@ def bench_case(args: argparse.Namespace, model) -> dict[str, Any]:
     from vi_seg_jax.data.loading import load_case
     from vi_seg_jax.data.preprocess import preprocess
     from vi_seg_jax.predict import case_key
-    from vi_seg_jax.train.loop import preprocess_config_for
+    from vi_seg_jax.train.build import preprocess_config_for
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"

@@ -7,8 +7,10 @@
 Per case, on the source grid with the source affine (opens in 3D Slicer / ITK-SNAP):
 <case>_seg.nii.gz (labels in the input release's convention; 0/1 whole tumour for a
 `wt` model), <case>_unc_{wt,tc,et}.nii.gz (uncertainty in [0, 100], QU-BraTS 2020),
-<case>_aleatoric / _epistemic / _prob.nii.gz (float maps) and <case>_overview.png.
-`OUT/prediction.json` records the checkpoint, step, samples and temperatures used.
+<case>_aleatoric / _epistemic / _prob.nii.gz (float maps; _prob_uncalibrated too when a
+temperature is applied) and <case>_overview.png. `OUT/prediction.json` records the
+checkpoint, step, samples, windows and temperatures used. The temperatures were fitted with
+the default samples and windows; other settings are allowed, with a note.
 
 The Monte Carlo samples of a case are spread over all devices (`--devices N` for fewer);
 the maps equal one device's up to float rounding. Multi-process runs take the flags of
@@ -109,6 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh=args.mesh,
     )
     primary = is_primary()
+    calibrated_with = model.calibrated_with
+    if calibrated_with and calibrated_with != predictor.settings() and primary:
+        print(
+            f"note: the temperatures were fitted with {calibrated_with}; this run uses "
+            f"{predictor.settings()}, so they may calibrate it less well",
+            file=sys.stderr,
+        )
     if primary:
         args.out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -116,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "input": str(Path(data_dir).absolute()),
         "step": model.step,
         "task": model.task,
-        "samples": predictor.num_samples,
+        **predictor.settings(),
         "devices": predictor.devices,
         "temperature": {r: model.temperatures.get(r, 1.0) for r in model.regions},
         "cases": [],

@@ -124,6 +124,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         help="training patch size (3 numbers for 3D, 2 for 2D)",
     )
     add("--batch-size", type=int, help="patches per step")
+    add(
+        "--unbiased-weights",
+        action=argparse.BooleanOptionalAction,
+        help="weight each voxel by the inverse of its chance to be sampled, so that the data "
+        "term is unbiased despite tumour oversampling (preset decides; see the README)",
+    )
     add("--learning-rate", type=float, help="Adam learning rate")
     add("--kl-warmup-epochs", type=int, help="epochs of linear KL warm-up")
     add("--validation-samples", type=int, help="Monte Carlo samples per validation volume")
@@ -185,6 +191,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         schedule["steps_per_epoch"] = args.steps_per_epoch
     if args.batch_size:
         data["batch_size"] = args.batch_size
+    if args.unbiased_weights is not None:
+        data["unbiased_weights"] = args.unbiased_weights
     if args.epochs:
         schedule["steps"] = args.epochs * (args.steps_per_epoch or config.schedule.steps_per_epoch)
     if args.steps:

@@ -1,13 +1,13 @@
-"""Temperature scaling: recovers a known temperature, is exactly invertible, keeps the labels."""
+"""Temperature scaling: recovers a known temperature, keeps the labels, reports held-out ECE."""
 
 import numpy as np
 import pytest
 
 from vi_seg_jax.calibration import (
     apply_temperature,
+    calibrate,
     fit_region_temperatures,
     fit_temperature,
-    invert_temperature,
     region_probabilities,
     region_truth,
 )
@@ -38,12 +38,36 @@ def test_scaling_lowers_nll_and_ece_and_keeps_the_segmentation():
     np.testing.assert_array_equal(fitted > 0.5, probs > 0.5)
 
 
-def test_invert_undoes_apply_per_region():
+def test_apply_is_the_scaled_sigmoid_per_region():
     probs = np.random.default_rng(1).uniform(1e-4, 1 - 1e-4, size=(5, 6, 3)).astype(np.float32)
     temperatures = np.array([0.5, 1.0, 2.5])
     scaled = apply_temperature(probs, temperatures)
-    np.testing.assert_allclose(invert_temperature(scaled, temperatures), probs, atol=2e-6)
+    logits = np.log(probs.astype(np.float64)) - np.log1p(-probs.astype(np.float64))
+    np.testing.assert_allclose(scaled, 1 / (1 + np.exp(-logits / temperatures)), rtol=1e-6)
     np.testing.assert_allclose(scaled[..., 1], probs[..., 1], atol=1e-6)  # T = 1: identity
+
+
+def test_held_out_ece_scores_each_case_with_the_others_temperature():
+    # Two cases miscalibrated in opposite directions: the in-sample fit splits the
+    # difference, held out each case gets the other's (wrong) temperature.
+    a, y_a = _overconfident(0.5, n=40_000, seed=4)
+    b, y_b = _overconfident(3.0, n=40_000, seed=5)
+    masks = [np.ones(40_000, bool)] * 2
+    report = calibrate([a[:, None], b[:, None]], [y_a[:, None], y_b[:, None]], masks, "wt")
+    cross = np.concatenate(
+        [
+            apply_temperature(a, fit_temperature(b, y_b)),
+            apply_temperature(b, fit_temperature(a, y_a)),
+        ]
+    )
+    want = expected_calibration_error(cross, np.concatenate([y_a, y_b]))
+    assert report["ece_after_held_out"]["wt"] == pytest.approx(want, rel=1e-3)
+    assert report["ece_after_held_out"]["wt"] > 1.5 * report["ece_after_in_sample"]["wt"]
+    before = expected_calibration_error(np.concatenate([a, b]), np.concatenate([y_a, y_b]))
+    assert report["ece_before"]["wt"] == pytest.approx(before)
+    single = calibrate([a[:, None]], [y_a[:, None]], masks[:1], "wt")
+    assert single["ece_after_held_out"] is None
+    assert single["ece_after_in_sample"]["wt"] < 0.3 * single["ece_before"]["wt"]
 
 
 def test_mask_restricts_the_fit():

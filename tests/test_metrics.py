@@ -210,26 +210,67 @@ def test_calibration_rejects_bad_inputs():
 # --- QU-BraTS ----------------------------------------------------------------------------------
 
 
-def _reference_qubrats(prediction, truth, uncertainty, brain, num_thresholds):
-    """QU-BraTS recomputed from scratch at each threshold, AUCs by explicit trapezoids."""
-    thresholds = np.linspace(100, 0, num_thresholds)
-    tp_all = np.count_nonzero(prediction & truth)
+def _threshold_grid(steps=40):
+    """100 down to 0 in equal steps; 40 steps of 2.5 is the official scorer's grid (41 points)."""
+    return [100.0 - k * (100.0 / steps) for k in range(steps + 1)]
+
+
+def _reference_qubrats(prediction, truth, uncertainty, brain, thresholds):
+    """QU-BraTS from the paper's definition (Mehta et al. 2022), one threshold at a time.
+
+    At τ the voxels with uncertainty > τ are filtered; Dice of the kept voxels; FTP and FTN are
+    the fractions of the brain's true positives and true negatives that were filtered. AUCs by
+    explicit trapezoids over τ / 100.
+    """
+    tp_all = np.count_nonzero(prediction & truth & brain)
     tn_all = np.count_nonzero(~prediction & ~truth & brain)
     dice_curve, ftp, ftn = [], [], []
     for tau in thresholds:
         keep = uncertainty <= tau
         dice_curve.append(dice(prediction[keep], truth[keep]))
-        tp_kept = np.count_nonzero(prediction[keep] & truth[keep])
-        tn_kept = np.count_nonzero(~prediction[keep] & ~truth[keep] & brain[keep])
+        tp_kept = np.count_nonzero((prediction & truth & brain)[keep])
+        tn_kept = np.count_nonzero((~prediction & ~truth & brain)[keep])
         ftp.append((tp_all - tp_kept) / tp_all if tp_all else 0.0)
         ftn.append((tn_all - tn_kept) / tn_all if tn_all else 0.0)
 
     def auc(curve):
-        x = thresholds / 100
+        x = np.asarray(thresholds) / 100
         return sum((x[i] - x[i + 1]) * (curve[i] + curve[i + 1]) / 2 for i in range(len(x) - 1))
 
     score = (auc(dice_curve) + (1 - auc(ftp)) + (1 - auc(ftn))) / 3
     return dice_curve, ftp, ftn, auc(dice_curve), auc(ftp), auc(ftn), score
+
+
+def _official_transcription(truth, prediction, uncertainty, brain, num_points=40):
+    """The official QU-BraTS scorer's algorithm (its NumPy 1.x behaviour), re-implemented.
+
+    Per threshold a float32 mask of the certain voxels (uncertainty > τ is uncertain); Dice
+    of the masked truth and prediction, 1 when both sums are 0; FTP and FTN with TP and TN
+    weighted by the brain mask and a float32-eps denominator; AUC the trapezoid area over the
+    descending thresholds (taken as positive), divided by 100. Returns the three AUCs.
+    """
+    eps = np.finfo(np.float32).eps
+    truth, prediction = truth.astype(np.float32), prediction.astype(np.float32)
+    brain = brain.astype(np.float32)
+    tp = prediction * truth * brain
+    tn = (1 - prediction) * (1 - truth) * brain
+    thresholds = _threshold_grid(num_points)
+    curves = {"dice": [], "ftp": [], "ftn": []}
+    for th in thresholds:
+        certain = np.where(uncertainty > th, 0.0, 1.0).astype(np.float32)
+        kept_truth, kept_prediction = truth * certain, prediction * certain
+        overlap = np.sum(kept_truth * kept_prediction)
+        total = np.sum(kept_truth) + np.sum(kept_prediction)
+        curves["dice"].append(1.0 if total == 0 else 2.0 * overlap / total)
+        for name, counted in (("ftp", tp), ("ftn", tn)):
+            before, after = counted.sum(), (counted * certain).sum()
+            curves[name].append((before - after) / (before + eps))
+    x = np.asarray(thresholds)
+    # Decreasing x: the trapezoid sum is negative, and its sign is flipped.
+    return {
+        name: -float(np.trapezoid(np.asarray(curve, np.float64), x)) / 100.0
+        for name, curve in curves.items()
+    }
 
 
 def _segmentation_case(rng, shape=(10, 11, 9)):
@@ -240,19 +281,58 @@ def _segmentation_case(rng, shape=(10, 11, 9)):
     return prediction, truth, brain
 
 
-@pytest.mark.parametrize("num_thresholds", [40, 7])
-def test_qubrats_matches_per_threshold_recomputation(num_thresholds):
+def test_qubrats_default_grid_is_the_official_41_points():
+    rng = np.random.default_rng(9)
+    prediction, truth, brain = _segmentation_case(rng)
+    got = qubrats(prediction, truth, rng.random(truth.shape) * 100, brain).thresholds
+    assert got.shape == (41,)
+    # Exactly 100, 97.5, ..., 2.5, 0: uncertainties on a grid value must compare exactly.
+    assert got.tolist() == [100 - 2.5 * k for k in range(41)]
+    assert got.tolist() == _threshold_grid(40)
+
+
+@pytest.mark.parametrize("num_thresholds", [41, 7])
+def test_qubrats_matches_the_paper_definition(num_thresholds):
     rng = np.random.default_rng(6)
     prediction, truth, brain = _segmentation_case(rng)
+    assert (prediction & truth & ~brain).any()  # FTP must ignore these true positives
     # Integer values, some exactly on a threshold (0, 100, 50 for T = 7): τ must keep u = τ.
     uncertainty = np.round(rng.random(truth.shape) * 100)
+    uncertainty[prediction & truth & ~brain] = 100.0  # filtered below τ = 100, yet not in FTP
     got = qubrats(prediction, truth, uncertainty, brain, num_thresholds)
-    want = _reference_qubrats(prediction, truth, uncertainty, brain, num_thresholds)
-    np.testing.assert_allclose(got.thresholds, np.linspace(100, 0, num_thresholds))
+    thresholds = _threshold_grid(num_thresholds - 1)
+    want = _reference_qubrats(prediction, truth, uncertainty, brain, thresholds)
+    np.testing.assert_allclose(got.thresholds, thresholds, rtol=0, atol=1e-12)
     for got_value, want_value in zip(got[1:], want, strict=True):
         np.testing.assert_allclose(got_value, want_value, rtol=1e-12, atol=1e-12)
     assert got.dice[0] == pytest.approx(dice(prediction, truth))
     assert got.ftp[0] == 0.0 and got.ftn[0] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_qubrats_default_matches_the_official_algorithm(seed):
+    rng = np.random.default_rng(100 + seed)
+    shape = (14, 12, 10)
+    truth = ndimage.binary_dilation(rng.random(shape) > 0.96, iterations=2)
+    prediction = truth ^ (rng.random(shape) > 0.8)
+    brain = ndimage.binary_erosion(np.ones(shape, bool), iterations=3)
+    brain[:, :, : seed + 1] = True  # a brain slab reaching the edge, so that its shape varies
+    assert (prediction & truth & ~brain).sum() > 5 and (prediction & truth & brain).any()
+    # Integers (QU-BraTS maps are uint8) and multiples of 2.5, so many sit on a threshold.
+    uncertainty = np.where(
+        rng.random(shape) < 0.5,
+        rng.integers(0, 101, shape).astype(np.float64),
+        2.5 * rng.integers(0, 41, shape),
+    )
+    # Errors tend to be uncertain; the true positives outside the brain are filtered early.
+    uncertainty[(prediction != truth) & (rng.random(shape) < 0.6)] = 97.5
+    outside = prediction & truth & ~brain
+    uncertainty[outside] = rng.choice([90.0, 95.0, 100.0], size=int(outside.sum()))
+    got = qubrats(prediction, truth, uncertainty, brain)
+    want = _official_transcription(truth, prediction, uncertainty, brain)
+    assert got.dice_auc == pytest.approx(want["dice"], abs=1e-6)
+    assert got.ftp_auc == pytest.approx(want["ftp"], abs=1e-6)
+    assert got.ftn_auc == pytest.approx(want["ftn"], abs=1e-6)
 
 
 def test_perfect_uncertainty_beats_random_uncertainty():
@@ -275,14 +355,21 @@ def test_qubrats_closed_forms():
     assert np.allclose(certain.dice, plain) and not certain.ftp.any() and not certain.ftn.any()
     assert certain.score == pytest.approx((plain + 2) / 3)
     # Uncertainty 100 is filtered at every τ < 100: Dice 1 (nothing left), FTP = FTN = 1,
-    # so each curve is 1 except at the last of the T − 1 trapezoid steps.
-    step = 1 / 39
+    # so each curve is 1 except at the last of the 40 trapezoid steps of 2.5 / 100.
+    step = 1 / 40
     unsure = qubrats(prediction, truth, np.full(truth.shape, 100.0), brain)
     assert unsure.dice_auc == pytest.approx(1 - step + step * (1 + plain) / 2)
     assert unsure.ftp_auc == pytest.approx(1 - step / 2) == unsure.ftn_auc
     # No true positives: FTP is 0 by convention.
     no_tp = qubrats(np.zeros_like(truth), truth, rng.random(truth.shape) * 100, brain)
     assert not no_tp.ftp.any() and no_tp.ftp_auc == 0.0
+    # True positives only outside the brain: none count for FTP, which is 0 (the brain mask
+    # does not restrict Dice: there they are a perfect match until filtered).
+    outside = prediction & truth & ~brain
+    assert outside.any()
+    only_outside = qubrats(outside, outside, rng.random(truth.shape) * 100, brain)
+    assert not only_outside.ftp.any() and only_outside.ftp_auc == 0.0
+    assert only_outside.dice.tolist() == [1.0] * 41
 
 
 def test_qubrats_rejects_bad_inputs():

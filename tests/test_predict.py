@@ -10,8 +10,8 @@ import pytest
 
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.predict import Predictor, TrainedModel, load_trained, qubrats_uncertainty
+from vi_seg_jax.train.build import build_spec
 from vi_seg_jax.train.config import BackboneConfig, DataConfig, TrainConfig
-from vi_seg_jax.train.loop import build_spec
 from vi_seg_jax.train.state import create_train_state
 
 

@@ -6,7 +6,11 @@ a Monte Carlo predictive probability p̄. Temperature scaling maps it to
 negative log-likelihood inside the brain mask (Guo et al. 2017, applied to the predictive
 mean so the uncertainty maps keep their samples). T > 1 softens over-confident
 predictions; T = 1 is the identity. The map is monotone, so segmentations (p̄ > 0.5) are
-unchanged; `invert_temperature` recovers p̄ exactly up to float rounding.
+unchanged.
+
+`calibrate` also reports the validation ECE before and after the temperature, the latter both
+in-sample (on the voxels T was fitted on) and held out (each case scored with the T fitted on
+the other cases), since an in-sample ECE flatters the fit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import scipy.optimize
 
 from vi_seg_jax.data.conventions import REGION_NAMES, regions_from_classes
+from vi_seg_jax.metrics import expected_calibration_error
 
 CALIBRATION_FILE = "calibration.json"
 _EPS = 1e-7
@@ -50,11 +55,6 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def apply_temperature(probs: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
     """σ(logit(p) / T), T broadcast over the last (region) axis."""
     return _sigmoid(_logit(probs) / np.asarray(temperature)).astype(np.float32)
-
-
-def invert_temperature(probs: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
-    """The probabilities before `apply_temperature` with the same T."""
-    return _sigmoid(_logit(probs) * np.asarray(temperature)).astype(np.float32)
 
 
 def _nll(logits: np.ndarray, truth: np.ndarray, temperature: float) -> float:
@@ -106,3 +106,52 @@ def fit_region_temperatures(
         [y.reshape(-1, len(names))[m.reshape(-1)] for y, m in zip(truths, masks, strict=True)]
     )
     return {name: fit_temperature(pooled_p[:, r], pooled_y[:, r]) for r, name in enumerate(names)}
+
+
+def calibrate(
+    probs: list[np.ndarray], truths: list[np.ndarray], masks: list[np.ndarray], task: str
+) -> dict[str, dict[str, float | None]]:
+    """Per-region temperatures of several cases and the ECE they give, inside the masks.
+
+    Args:
+      probs: per case, per-region predictive probabilities [..., R] (`region_probabilities`).
+      truths: per case, per-region truth [..., R] (`region_truth`).
+      masks: per case, the brain mask [...].
+      task: `wt` or `regions`.
+
+    Returns:
+      `temperature`, `ece_before`, `ece_after_in_sample` and `ece_after_held_out` (each
+      region → value); the held-out ECE pools every case scored with the temperatures fitted
+      on the others, None with fewer than two cases.
+    """
+    names = region_names(task)
+    temperature = fit_region_temperatures(probs, truths, masks, task)
+
+    def pooled(region: int, temperatures: list[float] | None) -> float:
+        p = [q[..., region][m] for q, m in zip(probs, masks, strict=True)]
+        if temperatures is not None:
+            p = [apply_temperature(q, t) for q, t in zip(p, temperatures, strict=True)]
+        y = [t[..., region][m] for t, m in zip(truths, masks, strict=True)]
+        return expected_calibration_error(np.concatenate(p), np.concatenate(y))
+
+    held_out = None
+    if len(probs) > 1:
+        rest = [[j for j in range(len(probs)) if j != i] for i in range(len(probs))]
+        fitted = [
+            fit_region_temperatures(
+                [probs[j] for j in others],
+                [truths[j] for j in others],
+                [masks[j] for j in others],
+                task,
+            )
+            for others in rest
+        ]
+        held_out = {r: pooled(i, [f[r] for f in fitted]) for i, r in enumerate(names)}
+    return {
+        "temperature": temperature,
+        "ece_before": {r: pooled(i, None) for i, r in enumerate(names)},
+        "ece_after_in_sample": {
+            r: pooled(i, [temperature[r]] * len(probs)) for i, r in enumerate(names)
+        },
+        "ece_after_held_out": held_out,
+    }

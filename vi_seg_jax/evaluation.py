@@ -4,8 +4,10 @@ Per case and region (WT for a `wt` model; WT, TC, ET for a `regions` model): Dic
 (the paper's, from the confusion counts), HD95 in mm (voxel spacing from the header; an
 empty prediction against a non-empty truth, or the reverse, scores `metrics.HD95_CAP`),
 calibration inside the brain mask (ECE with 15 bins, Brier, NLL) of the calibrated
-`_prob` maps and, when a temperature was applied, of the probabilities before it
-(`ece_uncalibrated`), and the QU-BraTS 2020 score of the `_unc_<region>` maps.
+`_prob` maps and the ECE of the Monte Carlo mean before the temperature
+(`ece_uncalibrated`, from `_prob_uncalibrated`, written when a temperature was applied),
+and the QU-BraTS 2020 score of the `_unc_<region>` maps (the official scorer's definition:
+41 thresholds, true positives and negatives counted inside the brain).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from vi_seg_jax.calibration import invert_temperature
 from vi_seg_jax.data.conventions import REGION_NAMES, regions_from_classes
 from vi_seg_jax.data.discovery import CaseFiles
 from vi_seg_jax.data.loading import load_case
@@ -67,6 +68,11 @@ class PredictionRun:
     @property
     def regions(self) -> tuple[str, ...]:
         return ("wt",) if self.task == "wt" else REGION_NAMES
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a temperature was applied (then `_prob_uncalibrated` holds p̄)."""
+        return any(t != 1.0 for t in self.temperature.values())
 
     @classmethod
     def read(cls, folder: str | Path) -> PredictionRun:
@@ -118,10 +124,14 @@ def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
     else:
         predicted = regions_from_classes(case.convention.to_canonical(seg))
     probs = _read_on_grid(run.path(case.case_id, "prob"), shape).reshape(*shape, -1)
+    uncalibrated = probs
+    if run.calibrated:
+        path = run.path(case.case_id, "prob_uncalibrated")
+        uncalibrated = _read_on_grid(path, shape).reshape(*shape, -1)
     values, bins, curves = {}, {}, {}
     for r, region in enumerate(run.regions):
         p, y, pred = probs[..., r], truth[..., r], predicted[..., r]
-        before = invert_temperature(p, run.temperature.get(region, 1.0))
+        before = uncalibrated[..., r]
         uncertainty = _read_on_grid(run.path(case.case_id, f"unc_{region}"), shape)
         curve = qubrats(pred, y, uncertainty, mask=brain)
         values[region] = {

@@ -19,13 +19,19 @@ restricted to an optional boolean ``mask`` (the brain). Bins are equal-width on 
 bin b = [b/B, (b+1)/B) with the last bin closed so that p = 1 falls in it. Empty bins have
 NaN confidence and accuracy and weigh nothing in the ECE. An empty selection is an error.
 
-QU-BraTS 2020 (one region): thresholds τ = linspace(100, 0, num_thresholds), 100 and 0
-included; at τ the voxels with uncertainty > τ are filtered out (so τ = 100 filters nothing).
-On the kept voxels: Dice (the ``dice`` convention, nothing left on either side gives 1),
-FTP = (TP_all − TP_kept) / TP_all and FTN = (TN_all − TN_kept) / TN_all, true negatives
-counted only inside ``mask``; a zero denominator gives a ratio of 0 at every τ. The mask does
-not restrict Dice. AUCs are trapezoids over x = τ / 100 from 0 to 1, and the score is
-(AUC_Dice + (1 − AUC_FTP) + (1 − AUC_FTN)) / 3.
+QU-BraTS 2020 (one region), as the challenge's official scorer computes it: thresholds
+τ = linspace(100, 0, num_thresholds), by default 41 of them, 100, 97.5, ..., 2.5, 0 (step 2.5).
+That is the official grid: the scorer's ``num_points`` = 40 counts steps, not points, and its
+``arange(0, 100 + eps, 100 / 40)`` with a float32 eps drops the 100 under NumPy 2 (the sum
+rounds to 100 in float32), leaving 40 points from 97.5; the 41 points are its grid under
+NumPy 1.x, the NumPy of the 2020 challenge. At τ the voxels with uncertainty > τ are filtered
+out (so τ = 100 filters nothing, and u = τ is kept). On the kept voxels: Dice (the ``dice``
+convention, nothing left on either side gives 1), FTP = (TP_all − TP_kept) / TP_all and
+FTN = (TN_all − TN_kept) / TN_all, true positives and true negatives both counted only inside
+``mask`` (the brain); the mask does not restrict Dice. A zero denominator gives a ratio of 0
+at every τ; the official scorer divides by count + float32 eps instead, which gives 0 there
+too and otherwise differs by at most about 1e-7 relative. AUCs are trapezoids over
+x = τ / 100 from 0 to 1, and the score is (AUC_Dice + (1 − AUC_FTP) + (1 − AUC_FTN)) / 3.
 """
 
 from __future__ import annotations
@@ -275,15 +281,17 @@ def qubrats(
     truth: np.ndarray,
     uncertainty: np.ndarray,
     mask: np.ndarray | None = None,
-    num_thresholds: int = 40,
+    num_thresholds: int = 41,
 ) -> QUBraTS:
     """QU-BraTS 2020 uncertainty score of one region (definitions in the module docstring).
 
     Args:
       prediction, truth: boolean masks of the region.
       uncertainty: same shape, values in [0, 100].
-      mask: boolean brain mask within which true negatives count; None is the whole volume.
-      num_thresholds: τ = linspace(100, 0, num_thresholds).
+      mask: boolean brain mask within which true positives and true negatives count for FTP
+        and FTN; None is the whole volume.
+      num_thresholds: τ = linspace(100, 0, num_thresholds); the default 41 is the official
+        grid (its ``num_points`` = 40 steps of 2.5).
     """
     prediction = np.asarray(prediction, dtype=bool)
     truth = np.asarray(truth, dtype=bool)
@@ -300,6 +308,7 @@ def qubrats(
         raise ValueError(f"num_thresholds must be at least 2, got {num_thresholds}")
     thresholds = np.linspace(100.0, 0.0, num_thresholds)
     true_positive = prediction & truth
+    true_positive_in_mask = true_positive & mask
     true_negative = ~prediction & ~truth & mask
     tp = _kept_counts(uncertainty[true_positive], thresholds)
     fp = _kept_counts(uncertainty[prediction & ~truth], thresholds)
@@ -309,7 +318,10 @@ def qubrats(
     dice_curve = np.divide(
         2.0 * tp, denominator, out=np.ones(num_thresholds), where=denominator > 0
     )
-    ftp = _filtered_ratio(tp, int(np.count_nonzero(true_positive)))
+    ftp = _filtered_ratio(
+        _kept_counts(uncertainty[true_positive_in_mask], thresholds),
+        int(np.count_nonzero(true_positive_in_mask)),
+    )
     ftn = _filtered_ratio(tn, int(np.count_nonzero(true_negative)))
     dice_auc = _threshold_auc(thresholds, dice_curve)
     ftp_auc = _threshold_auc(thresholds, ftp)

@@ -2,14 +2,22 @@
 
 `load_trained(workdir)` restores the best checkpoint of a training workdir (by validation
 Dice; the latest when none is marked best) with its configuration and, when it was fitted
-for that checkpoint, the per-region temperatures (`calibration.json`). `predict_case` runs
+for that checkpoint, the per-region temperatures (`calibration.json`). `fit_temperatures`
+fits them on validation cases with the `Predictor` settings that prediction uses (samples,
+windows), so the temperature calibrates the very predictive it is applied to. `predict_case` runs
 T posterior samples over the whole preprocessed volume (Gaussian sliding windows, one
 network per sample for every tile, a key fixed by the seed and the case id) and maps every
 output back onto the case's original grid. `write_case` writes the files.
 
-Per region (WT for `task="wt"`; WT, TC, ET for `task="regions"`), the QU-BraTS uncertainty
-is the normalised binary entropy of the calibrated predictive probability,
-100 · H(p̄) / log 2 ∈ [0, 100]: 0 where every sample agrees with certainty, 100 at p̄ = ½.
+Which predictive each output describes, per region (WT for `task="wt"`; WT, TC, ET for
+`task="regions"`), with p̄ the Monte Carlo mean of the samples and T the temperature:
+- `probabilities` (`_prob`) is the calibrated σ(logit(p̄) / T); the segmentation thresholds it
+  at ½ (the same voxels as p̄ > ½);
+- `uncertainty` (`_unc_<region>`, QU-BraTS) is the normalised binary entropy of that
+  calibrated probability, 100 · H / log 2 ∈ [0, 100];
+- `uncalibrated` (`_prob_uncalibrated`, written when a temperature is applied) is p̄ itself;
+- `aleatoric` and `epistemic` (Kwon et al.) split the variance of the samples, whose mean is
+  p̄: aleatoric + epistemic = p̄(1 − p̄), the uncalibrated probability's variance.
 """
 
 from __future__ import annotations
@@ -29,10 +37,13 @@ from tqdm.auto import tqdm
 from vi_seg_jax.calibration import (
     CALIBRATION_FILE,
     apply_temperature,
+    calibrate,
     region_names,
     region_probabilities,
+    region_truth,
 )
 from vi_seg_jax.checkpoint import checkpoint_manager, read_meta, restore_checkpoint
+from vi_seg_jax.data.cache import PreparedCase
 from vi_seg_jax.data.conventions import classes_from_regions
 from vi_seg_jax.data.discovery import CaseFiles
 from vi_seg_jax.data.loading import load_case
@@ -41,8 +52,8 @@ from vi_seg_jax.errors import DataError
 from vi_seg_jax.inference import WindowConfig, volume_sample_fn
 from vi_seg_jax.io.nifti import read_nifti_header, write_nifti
 from vi_seg_jax.parallel import batch_sharded, replicated
+from vi_seg_jax.train.build import backbone_multiple, build_spec, preprocess_config_for
 from vi_seg_jax.train.config import TrainConfig
-from vi_seg_jax.train.loop import backbone_multiple, build_spec, preprocess_config_for
 from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
 from vi_seg_jax.uncertainty import (
     Predictive,
@@ -63,7 +74,10 @@ DEFAULT_WINDOW = 96
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-    """A restored run: configuration, model, state at `step`, temperatures (region → T)."""
+    """A restored run: configuration, model, state at `step`, temperatures (region → T).
+
+    `calibrated_with`: the `Predictor.settings()` the temperatures were fitted with.
+    """
 
     workdir: Path
     config: TrainConfig
@@ -71,6 +85,7 @@ class TrainedModel:
     state: TrainState
     step: int
     temperatures: dict[str, float]
+    calibrated_with: dict = dataclasses.field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -140,7 +155,7 @@ def load_trained(workdir: str | Path, step: int | None = None) -> TrainedModel:
             checkpoints / str(step),
             f"does not match the {config.backbone.name} model of config.json ({first_line})",
         ) from None
-    return TrainedModel(workdir, config, spec, state, step, _temperatures(workdir, step))
+    return TrainedModel(workdir, config, spec, state, step, *_calibration(workdir, step))
 
 
 def read_splits(workdir: str | Path) -> dict:
@@ -151,12 +166,15 @@ def read_splits(workdir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _temperatures(workdir: Path, step: int) -> dict[str, float]:
+def _calibration(workdir: Path, step: int) -> tuple[dict[str, float], dict]:
+    """Temperatures fitted for checkpoint `step` and the predictor settings used, if any."""
     path = workdir / CALIBRATION_FILE
     if not path.exists():
-        return {}
+        return {}, {}
     calibration = json.loads(path.read_text())
-    return calibration["temperature"] if calibration.get("step") == step else {}
+    if calibration.get("step") != step:
+        return {}, {}
+    return calibration["temperature"], calibration.get("predictor", {})
 
 
 def case_key(seed: int, case_id: str) -> jax.Array:
@@ -171,8 +189,11 @@ class CasePrediction:
     Attributes:
       labels: [X, Y, Z] canonical classes (`task="regions"`) or 0/1 whole tumour (`"wt"`).
       probabilities: [X, Y, Z, R] calibrated per-region predictive probabilities.
+      uncalibrated: [X, Y, Z, R] the Monte Carlo mean p̄ before the temperature; None when
+        no temperature is applied (then `probabilities` is p̄).
       uncertainty: [X, Y, Z, R] QU-BraTS uncertainty in [0, 100].
-      aleatoric, epistemic: [X, Y, Z, R] Kwon et al. variances of each region's probability.
+      aleatoric, epistemic: [X, Y, Z, R] Kwon et al. split of the samples' variance:
+        aleatoric + epistemic = p̄(1 − p̄) of `uncalibrated`.
       mutual_information: [X, Y, Z] epistemic entropy part (nats).
       image: [X, Y, Z, C] the input; truth: [X, Y, Z] canonical classes or None.
     """
@@ -180,6 +201,7 @@ class CasePrediction:
     case: CaseFiles
     labels: np.ndarray
     probabilities: np.ndarray
+    uncalibrated: np.ndarray | None
     uncertainty: np.ndarray
     aleatoric: np.ndarray
     epistemic: np.ndarray
@@ -218,6 +240,10 @@ class Predictor:
         self.overlap = overlap
         self.tile_batch = tile_batch
         self._compiled: dict[WindowConfig, tuple[Callable, Callable]] = {}
+
+    def settings(self) -> dict:
+        """What decides the predictive: samples and sliding windows (recorded with outputs)."""
+        return {"samples": self.num_samples, "window": self.window_size, "overlap": self.overlap}
 
     def window_for(self, shape: tuple[int, ...]) -> WindowConfig:
         """Cubic tiles (3D, at most the volume) or whole axial slices (2D backbones)."""
@@ -304,7 +330,9 @@ class Predictor:
     def _to_case(self, case, volumes, mapping, out: Predictive) -> CasePrediction:
         task, names = self.model.task, self.model.regions
         temperatures = np.array([self.model.temperatures.get(r, 1.0) for r in names])
-        probs = apply_temperature(region_probabilities(out.mean, task), temperatures)
+        mean = region_probabilities(out.mean, task)
+        calibrated = bool(np.any(temperatures != 1.0))
+        probs = apply_temperature(mean, temperatures) if calibrated else mean
         foreground = slice(1, 2) if task == "wt" else slice(None)
 
         def original(array, fill=0):
@@ -319,6 +347,7 @@ class Predictor:
             case=case,
             labels=labels,
             probabilities=probabilities,
+            uncalibrated=original(mean) if calibrated else None,
             uncertainty=qubrats_uncertainty(probabilities),
             aleatoric=original(out.aleatoric[..., foreground]),
             epistemic=original(out.epistemic[..., foreground]),
@@ -328,6 +357,23 @@ class Predictor:
             affine=volumes.affine,
             reference=volumes.reference,
         )
+
+
+def fit_temperatures(predictor: Predictor, cases: list[PreparedCase]) -> dict:
+    """Temperatures (and ECEs, `calibration.calibrate`) of the predictor on prepared cases.
+
+    Each case is predicted as `predict` would (`predict_case`'s key, the predictor's
+    samples and windows); the settings are returned under `predictor`.
+    """
+    model = predictor.model
+    probs, truths, masks = [], [], []
+    for case in cases:
+        key = case_key(model.config.seed, case.case_id)
+        out = predictor.predictive(np.asarray(case.image), key)
+        probs.append(region_probabilities(out.mean, model.task))
+        truths.append(region_truth(np.asarray(case.label), model.task))
+        masks.append(np.asarray(case.mask))
+    return {**calibrate(probs, truths, masks, model.task), "predictor": predictor.settings()}
 
 
 def qubrats_uncertainty(probabilities: np.ndarray) -> np.ndarray:
@@ -345,6 +391,7 @@ def output_paths(out_dir: Path, case_id: str, regions: tuple[str, ...]) -> dict[
         "aleatoric": "aleatoric",
         "epistemic": "epistemic",
         "prob": "prob",
+        "prob_uncalibrated": "prob_uncalibrated",
     }
     paths = {role: out_dir / f"{case_id}_{suffix}.nii.gz" for role, suffix in names.items()}
     paths["overview"] = out_dir / f"{case_id}_overview.png"
@@ -380,8 +427,12 @@ def write_case(out_dir: str | Path, prediction: CasePrediction, regions: tuple[s
         ("aleatoric", prediction.aleatoric),
         ("epistemic", prediction.epistemic),
         ("prob", prediction.probabilities),
+        ("prob_uncalibrated", prediction.uncalibrated),
     ):
-        write_nifti(paths[role], squeeze(array), affine=affine, header=header, kind="float")
+        if array is None:
+            del paths[role]
+        else:
+            write_nifti(paths[role], squeeze(array), affine=affine, header=header, kind="float")
     overview_figure(
         paths["overview"],
         image=prediction.image[..., -1],

@@ -10,14 +10,28 @@ For T posterior samples p̂_t (softmax or per-region sigmoid outputs of network 
   mutual information (epistemic), with MI ≥ 0 and H ≤ log K.
 
 Samples are drawn in chunks (`jax.lax.scan` over chunks, `jax.vmap` inside one) and reduced
-into running sums, so memory is bounded by the chunk size whatever T is. A sample is one
+into a running state, so memory is bounded by the chunk size whatever T is. A sample is one
 coherent network: for VI one full draw of the weights (the same draw for every tile of a
 volume), for MC dropout one dropout mask, for an ensemble one member.
 
+The running state is float32 and built so that nothing small is the difference of two
+large numbers: the epistemic variance is not E[p̂²] − p̄² (where p̄ ≈ 1 that difference is
+rounding noise: 0, or tens of times the true variance at logit 7 ± 0.05) but comes from
+the mean and the sum of squared deviations from it (M2), computed per chunk in two passes
+and merged with Chan et al.'s parallel update; the aleatoric part is a plain sum of
+p̂(1 − p̂). So the variance split sums to p̄(1 − p̄) up to rounding, not by construction.
+
+The entropy split keeps the difference form, MI = H[p̄] − mean_t H[p̂_t] clamped at 0: where
+every sample is confident, MI is far below H and its float32 error (a few
+|log(p̄/(1 − p̄))| · ulp(p̄): some 1e-7 nats at logit 7) can be as large as MI itself, but
+that is negligible on the scale MI is read on (nats, up to log K): only its relative
+accuracy is lost there.
+
 Over a device mesh the chunks are dealt out along its `data` axis (device d takes chunks
-d, d + D, ...) and the per-device sums are added at the end. Sample t is drawn from
-`fold_in(key, t)` wherever it runs, so the result is the single-device one up to the order
-of the final sums, and each device holds one chunk's activations at a time.
+d, d + D, ...) and the per-device states are merged at the end (pooled mean, then M2 about
+it). Sample t is drawn from `fold_in(key, t)` wherever it runs, so the result is the
+single-device one up to the order of floating-point reductions, and each device holds one
+chunk's activations at a time.
 """
 
 from __future__ import annotations
@@ -43,12 +57,13 @@ SampleFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 class PredictiveSums(NamedTuple):
-    """Running sums over samples, per voxel and class."""
+    """Running state over samples, per voxel and class (the decompositions' inputs)."""
 
-    count: jax.Array  # []
-    p: jax.Array  # Σ p̂_t           [B, *S, K]
-    p_squared: jax.Array  # Σ p̂_t²          [B, *S, K]
-    entropy: jax.Array  # Σ H[p̂_t]        [B, *S]
+    count: jax.Array  # n, samples so far       []
+    mean: jax.Array  # p̄ = mean_t p̂_t            [B, *S, K]
+    m2: jax.Array  # Σ_t (p̂_t − p̄)²             [B, *S, K]
+    aleatoric: jax.Array  # Σ_t p̂_t(1 − p̂_t)   [B, *S, K]
+    entropy: jax.Array  # Σ_t H[p̂_t]             [B, *S]
 
 
 class Predictive(NamedTuple):
@@ -71,15 +86,14 @@ def entropy(probs: jax.Array, task: Task) -> jax.Array:
 
 
 def summarize(sums: PredictiveSums, task: Task) -> Predictive:
-    """The decompositions from running sums."""
-    mean = sums.p / sums.count
-    second = sums.p_squared / sums.count
-    total = entropy(mean, task)
-    expected = sums.entropy / sums.count
+    """The decompositions from the running state."""
+    count = jnp.maximum(sums.count, 1.0)
+    total = entropy(sums.mean, task)
+    expected = sums.entropy / count
     return Predictive(
-        mean=mean,
-        aleatoric=mean - second,
-        epistemic=jnp.maximum(second - jnp.square(mean), 0.0),
+        mean=sums.mean,
+        aleatoric=sums.aleatoric / count,
+        epistemic=sums.m2 / count,
         entropy=total,
         expected_entropy=expected,
         mutual_information=jnp.maximum(total - expected, 0.0),
@@ -87,10 +101,42 @@ def summarize(sums: PredictiveSums, task: Task) -> Predictive:
 
 
 def empty_sums(sample_fn: SampleFn, images: jax.Array, key: jax.Array) -> PredictiveSums:
-    """Zero running sums shaped like one sample's output on `images`."""
+    """The state of no samples, shaped like one sample's output on `images`."""
     shape = jax.eval_shape(lambda: sample_fn(jnp.zeros((), jnp.int32), key, images)).shape
     zeros = jnp.zeros(shape, jnp.float32)
-    return PredictiveSums(jnp.zeros((), jnp.float32), zeros, zeros, zeros[..., 0])
+    return PredictiveSums(jnp.zeros((), jnp.float32), zeros, zeros, zeros, zeros[..., 0])
+
+
+def _merge(sums: PredictiveSums, chunk: PredictiveSums) -> PredictiveSums:
+    """Chan et al.'s update: the state of two disjoint sets of samples."""
+    count = sums.count + chunk.count
+    share = chunk.count / jnp.maximum(count, 1.0)  # 0 for an empty chunk or none so far
+    delta = chunk.mean - sums.mean
+    return PredictiveSums(
+        count=count,
+        mean=sums.mean + delta * share,
+        m2=sums.m2 + chunk.m2 + jnp.square(delta) * (sums.count * share),
+        aleatoric=sums.aleatoric + chunk.aleatoric,
+        entropy=sums.entropy + chunk.entropy,
+    )
+
+
+def _pool(sums: PredictiveSums, total: Callable[[jax.Array], jax.Array]) -> PredictiveSums:
+    """Merges per-device states with sums only: `total(x)` adds x over the devices
+    (a psum, or a sum over a leading device axis that keeps it as size 1).
+
+    mean = Σ_d n_d mean_d / Σ_d n_d, M2 = Σ_d [M2_d + n_d (mean_d − mean)²].
+    """
+    n = sums.count
+    weight = n.reshape(n.shape + (1,) * (sums.mean.ndim - n.ndim))
+    mean = total(weight * sums.mean) / jnp.maximum(total(weight), 1.0)
+    return PredictiveSums(
+        count=total(n),
+        mean=mean,
+        m2=total(sums.m2 + weight * jnp.square(sums.mean - mean)),
+        aleatoric=total(sums.aleatoric),
+        entropy=total(sums.entropy),
+    )
 
 
 def add_samples(
@@ -104,19 +150,25 @@ def add_samples(
     num_samples: int,
     task: Task,
 ) -> PredictiveSums:
-    """Adds samples `chunk * chunk_size ...` (those below `num_samples`) to the sums."""
+    """Adds samples `chunk * chunk_size ...` (those below `num_samples`) to the state."""
     indices = chunk * chunk_size + jnp.arange(chunk_size)
     valid = (indices < num_samples).astype(jnp.float32)
     one = lambda t: sample_fn(t, jax.random.fold_in(key, t), images)  # noqa: E731
     # A chunk of one skips vmap: vmapped per-sample kernels make grouped convolutions.
     probs = one(indices[0])[None] if chunk_size == 1 else jax.vmap(one)(indices)
+    probs = probs.astype(jnp.float32)
     weight = valid.reshape((-1,) + (1,) * (probs.ndim - 1))
-    return PredictiveSums(
-        count=sums.count + jnp.sum(valid),
-        p=sums.p + jnp.sum(weight * probs, axis=0),
-        p_squared=sums.p_squared + jnp.sum(weight * jnp.square(probs), axis=0),
-        entropy=sums.entropy + jnp.sum(weight[..., 0] * entropy(probs, task), axis=0),
+    count = jnp.sum(valid)
+    # Two passes over the chunk: its mean, then squared deviations from it.
+    mean = jnp.sum(weight * probs, axis=0, keepdims=True) / jnp.maximum(count, 1.0)
+    own = PredictiveSums(
+        count=count,
+        mean=mean[0],
+        m2=jnp.sum(weight * jnp.square(probs - mean), axis=0),
+        aleatoric=jnp.sum(weight * probs * (1.0 - probs), axis=0),
+        entropy=jnp.sum(weight[..., 0] * entropy(probs, task), axis=0),
     )
+    return _merge(sums, own)
 
 
 def num_chunks(num_samples: int, chunk_size: int) -> int:
@@ -135,7 +187,7 @@ def posterior_predictive(
     task: Task = "wt",
     mesh: Mesh | None = None,
 ) -> Predictive:
-    """T samples of the network on `images`, reduced with running sums.
+    """T samples of the network on `images`, reduced into a running state.
 
     Args:
       sample_fn: `(index, key, images) -> probabilities` of one posterior sample.
@@ -175,10 +227,10 @@ def posterior_predictive(
 
     def on_device(images: jax.Array, key: jax.Array) -> PredictiveSums:
         sums = device_sums(images, key, jax.lax.axis_index(DATA_AXIS))
-        return jax.lax.psum(sums, DATA_AXIS)
+        return _psum_devices(sums, DATA_AXIS)
 
     # No varying-axis type checks: sample functions hold their own scans (sliding windows)
-    # whose carries would all need annotating; the psum makes the output replicated.
+    # whose carries would all need annotating; the psums make the output replicated.
     sums = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)(
         images, key
     )
@@ -199,8 +251,8 @@ def add_samples_per_device(
 ) -> PredictiveSums:
     """`add_samples` on every device of `mesh`: device d adds chunk `step * D + d`.
 
-    `sums` holds one set of sums per device, stacked along a leading axis sharded along
-    `data` (`empty_sums` broadcast to [D, ...]); `sum_devices` reduces them.
+    `sums` holds one state per device, stacked along a leading axis sharded along `data`
+    (`empty_sums` broadcast to [D, ...]); `sum_devices` merges them.
     """
     devices = mesh.size
 
@@ -225,9 +277,15 @@ def add_samples_per_device(
     )(sums, images, key)
 
 
+def _psum_devices(sums: PredictiveSums, axis_name: str) -> PredictiveSums:
+    """Merges the states of all devices along `axis_name` (inside `shard_map`)."""
+    return _pool(sums, lambda x: jax.lax.psum(x, axis_name))
+
+
 def sum_devices(sums: PredictiveSums) -> PredictiveSums:
-    """Per-device sums [D, ...] (`add_samples_per_device`) → one set of sums."""
-    return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), sums)
+    """Per-device states stacked [D, ...] (`add_samples_per_device`) → one state."""
+    pooled = _pool(sums, lambda x: jnp.sum(x, axis=0, keepdims=True))
+    return jax.tree_util.tree_map(lambda x: x[0], pooled)
 
 
 def sample_fn_for(spec: ModelSpec, state: TrainState) -> SampleFn:

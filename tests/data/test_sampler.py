@@ -167,7 +167,9 @@ def test_iterate_batches_resumes_from_position():
 def test_rows_are_the_same_rows_of_the_whole_batch(patch_shape):
     """Processes of a multi-process run each read their rows; together they are the batch."""
     images, labels = make_volumes(seed=6)
-    sampler = PatchSampler(images, labels, patch_shape=patch_shape, batch_size=6)
+    sampler = PatchSampler(
+        images, labels, patch_shape=patch_shape, batch_size=6, unbiased_weights=True
+    )
     key = jax.random.key(3)
     whole = sampler.batch_at(key, 2)
     parts = [sampler.batch_at(key, 2, rows=slice(a, a + 2)) for a in (0, 2, 4)]
@@ -232,3 +234,60 @@ def test_bad_settings_raise():
         PatchSampler(images, [labels[1], labels[0], labels[2]], patch_shape=(4, 4), batch_size=2)
     with pytest.raises(ValueError, match="at least one"):
         PatchSampler([], [], patch_shape=(4, 4), batch_size=2)
+
+
+@pytest.mark.parametrize("patch_shape", [(4, 4, 4), (5, 6)])
+def test_unbiased_weights_make_the_batch_estimate_the_full_volume_sum(patch_shape):
+    # One axis (3) is shorter than the patch, so zero padding is exercised too.
+    shapes = ((9, 8, 7), (6, 10, 5), (3, 7, 6))
+    images, labels = make_volumes(seed=1, shapes=shapes, channels=1)
+    rng = np.random.default_rng(2)
+    losses = [rng.random(shape) for shape in shapes]  # any per-voxel loss
+    sampler = PatchSampler(
+        images,
+        labels,
+        patch_shape=patch_shape,
+        batch_size=64,
+        foreground_fraction=0.5,
+        unbiased_weights=True,
+    )
+    extent = (*patch_shape, 1) if len(patch_shape) == 2 else patch_shape
+    num_data = sum(np.prod(s) for s in shapes) / np.prod(patch_shape)
+    weighted, plain = [], []
+    for index in range(60):
+        batch = sampler.batch_at(jax.random.key(5), index)
+        for case, start, weights in zip(
+            batch.case_indices, batch.starts, batch.weights, strict=True
+        ):
+            loss = extract_patch(losses[case], start, extent).reshape(weights.shape)
+            weighted.append(num_data * np.sum(weights * loss))
+            plain.append(num_data * np.sum(loss))
+    full = sum(loss.sum() for loss in losses)
+
+    def standard_error(values):
+        return np.std(values) / np.sqrt(len(values))
+
+    assert abs(np.mean(weighted) - full) < 4 * standard_error(weighted)
+    # Without the weights the oversampled tumour, the small case and the centre are counted
+    # too often: the plain estimate is far off.
+    assert abs(np.mean(plain) - full) > 8 * standard_error(plain)
+
+
+def test_unbiased_weights_are_one_where_every_voxel_is_equally_likely():
+    # A patch the size of the volume covers every voxel at every draw, and both cases have
+    # foreground, so both are drawn equally often.
+    images, labels = make_volumes(shapes=((7, 6, 5), (7, 6, 5)))
+    labels[1] = labels[0]
+    sampler = PatchSampler(
+        images,
+        labels,
+        patch_shape=(7, 6, 5),
+        batch_size=3,
+        foreground_fraction=0.4,
+        unbiased_weights=True,
+    )
+    batch = sampler.sample_batch(jax.random.key(0))
+    np.testing.assert_allclose(batch.weights, 1.0, rtol=1e-6)
+    assert batch.weights.dtype == np.float32
+    plain = PatchSampler(images, labels, patch_shape=(7, 6, 5), batch_size=3)
+    assert plain.sample_batch(jax.random.key(0)).weights is None

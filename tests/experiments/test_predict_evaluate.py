@@ -211,3 +211,68 @@ def test_predict_the_runs_test_split_and_evaluate_against_its_dataset(wt_run, tm
     evaluation = tmp_path / "eval"
     assert evaluate.main(["--pred", str(out), "--out", str(evaluation), "--no-progress"]) == 0
     assert (evaluation / "cases.csv").read_text().count("\n") == 1 + len(test_ids)
+
+
+def _numpy_ece(p, y, bins=15):
+    """ECE over the bins [b/B, (b+1)/B) of p (the last one closed)."""
+    index = np.minimum(np.digitize(p, np.linspace(0, 1, bins + 1)) - 1, bins - 1)
+    return sum(
+        np.sum(index == b) / p.size * abs(y[index == b].mean() - p[index == b].mean())
+        for b in range(bins)
+        if np.any(index == b)
+    )
+
+
+def test_temperature_calibrates_what_predict_writes_and_every_map_says_which_predictive(
+    wt_run, tmp_path
+):
+    """The validation split predicted as `predict` does gives back the fitted temperature."""
+    data, workdir = wt_run
+    calibration = json.loads((workdir / "calibration.json").read_text())
+    out = tmp_path / "pred"
+    argv = ["--checkpoint", str(workdir), "--split", "validation", "--out", str(out)]
+    assert predict.main([*argv, "--no-progress"]) == 0  # the default samples and windows
+    record = json.loads((out / "prediction.json").read_text())
+    assert {k: record[k] for k in ("samples", "window", "overlap")} == calibration["predictor"]
+    temperature = calibration["temperature"]["wt"]
+    assert temperature != 1.0
+
+    from vi_seg_jax.data.preprocess import brain_mask
+
+    pooled_p, pooled_y = [], []
+    for case_id in record["cases"]:
+        case = data / case_id
+        image = np.stack(
+            [read_nifti(next(case.glob(f"*_{m}.nii.gz"))).data for m in MODALITIES], axis=-1
+        )
+        truth = read_nifti(next(case.glob("*_seg.nii.gz"))).data > 0  # whole tumour
+        brain = brain_mask(image)
+        mean = read_nifti(out / f"{case_id}_prob_uncalibrated.nii.gz").data.astype(np.float64)
+        prob = read_nifti(out / f"{case_id}_prob.nii.gz").data.astype(np.float64)
+        aleatoric = read_nifti(out / f"{case_id}_aleatoric.nii.gz").data
+        epistemic = read_nifti(out / f"{case_id}_epistemic.nii.gz").data
+        # The variance maps split the uncalibrated predictive's Bernoulli variance ...
+        np.testing.assert_allclose(aleatoric + epistemic, mean * (1 - mean), atol=2e-6)
+        # ... and `_prob` is that predictive through the temperature.
+        clipped = np.clip(mean, 1e-7, 1 - 1e-7)
+        logit = np.log(clipped) - np.log1p(-clipped)
+        np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logit / temperature)), atol=1e-6)
+        pooled_p.append(mean[brain])
+        pooled_y.append(truth[brain])
+    p, y = np.concatenate(pooled_p), np.concatenate(pooled_y)
+
+    # The NLL-optimal temperature of the written predictive is the recorded one.
+    def nll(t):
+        z = np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(p, 1e-7, 1 - 1e-7))
+        return np.mean(np.logaddexp(0, np.where(y, -z / t, z / t)))
+
+    grid = temperature * np.exp(np.linspace(-0.05, 0.05, 11))
+    assert np.argmin([nll(t) for t in grid]) == 5
+    assert calibration["ece_before"]["wt"] == pytest.approx(_numpy_ece(p, y), abs=1e-6)
+
+    # evaluate reports the ECE before the temperature from the real uncalibrated values.
+    evaluation = tmp_path / "eval"
+    assert evaluate.main(["--pred", str(out), "--out", str(evaluation), "--no-progress"]) == 0
+    with open(evaluation / "cases.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert float(row["wt_ece_uncalibrated"]) == pytest.approx(_numpy_ece(p, y), rel=1e-4)

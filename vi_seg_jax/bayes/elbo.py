@@ -7,8 +7,13 @@ Objective (method.md §5), minimised:
 - `B` is the number of examples in the batch, `N` the number of such examples in the
   whole training set, **counted in the same unit as the likelihood**: with whole volumes,
   N is the number of training volumes; with patches, a patch is the unit, so N is the
-  number of patches that tile the training set (`num_data_for_patches`). Then (N/B)·Σ_b
-  is an unbiased estimate of the full-data term and the KL is counted exactly once.
+  number of patches that tile the training set (`num_data_for_patches`), so that the KL is
+  counted once. (N/B)·Σ_b is an unbiased estimate of the full-data term only if every
+  voxel is equally likely to be drawn. Foreground oversampling and border shifts break
+  that. Per-voxel weights w from the sampler (`PatchSampler(unbiased_weights=True)`) restore
+  it for the voxel-additive CE, as Σ_v w·CE_v. The soft Dice of a patch is not a sum over
+  voxels; it is weighted by the patch's mean weight. Without weights (w ≡ 1) the objective
+  is tempered: tumour voxels count more than their share of the data.
 - CE_b is summed over voxels (`reduction="sum"`, the paper code) or averaged
   (`"mean"`). Only with `ce_weight=1, dice_weight=0, reduction="sum"` is the data term
   a true log-likelihood and the loss a true negative ELBO (tested against NumPyro's
@@ -93,8 +98,17 @@ def foreground_probability(logits: jax.Array, task: Task) -> jax.Array:
     return probs[..., 1] if task == "wt" else probs[..., 0]
 
 
-def data_term(logits: jax.Array, labels: jax.Array, config: LikelihoodConfig) -> jax.Array:
-    """Per-example data loss [B] for logits [B, *S, K] and canonical labels [B, *S]."""
+def data_term(
+    logits: jax.Array,
+    labels: jax.Array,
+    config: LikelihoodConfig,
+    weights: jax.Array | None = None,
+) -> jax.Array:
+    """Per-example data loss [B] for logits [B, *S, K] and canonical labels [B, *S].
+
+    `weights` [B, *S]: per-voxel weights of the CE; the Dice term of an example is scaled by
+    their mean (module docstring). None: every voxel weighs 1.
+    """
     spatial = tuple(range(1, labels.ndim))
     target = targets(labels, config.task)
     if config.task == "wt":
@@ -118,6 +132,9 @@ def data_term(logits: jax.Array, labels: jax.Array, config: LikelihoodConfig) ->
             axis=spatial,
         )
         dice = jnp.mean(per_region, axis=-1)
+    if weights is not None:
+        ce = ce * weights
+        dice = dice * jnp.mean(weights, axis=spatial)
     ce = jnp.sum(ce, axis=spatial) if config.reduction == "sum" else jnp.mean(ce, axis=spatial)
     return config.ce_weight * ce + config.dice_weight * dice
 
@@ -130,9 +147,14 @@ def kl_scale(step: jax.Array, config: ObjectiveConfig) -> jax.Array:
     return config.kl_weight * ramp
 
 
-def scaled_data_term(logits: jax.Array, labels: jax.Array, config: ObjectiveConfig) -> jax.Array:
+def scaled_data_term(
+    logits: jax.Array,
+    labels: jax.Array,
+    config: ObjectiveConfig,
+    weights: jax.Array | None = None,
+) -> jax.Array:
     """(N / B) · Σ_b data_b, the minibatch estimate of the full-data term."""
-    per_example = data_term(logits, labels, config.likelihood)
+    per_example = data_term(logits, labels, config.likelihood, weights)
     return (config.num_data / labels.shape[0]) * jnp.sum(per_example)
 
 

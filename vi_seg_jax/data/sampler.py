@@ -16,6 +16,17 @@ the patch, the volume sits in the middle of the patch and the rest is zero (labe
 A 3-int `patch_shape` gives 3D patches; a 2-int one gives 2D patches: the axial slice
 (fixed z) through the centre, cropped in-plane to `patch_shape`.
 
+Unbiased weights (`unbiased_weights=True`). Oversampling and border shifts make some voxels
+far likelier to be seen than others, so (N/B)·Σ over a batch over-weights tumour relative to
+the KL. Each batch then also carries per-voxel weights w(v) = 1 / (N·π(v)), where π(v) is the
+probability that one drawn patch covers voxel v and N = V / P (training voxels over patch
+voxels, `bayes.elbo.num_data_for_patches`): for any per-voxel loss ℓ,
+E[(N/B)·Σ_b Σ_{v ∈ patch b} w(v)·ℓ(v)] = Σ_v ℓ(v), the full-data sum (Horvitz–Thompson).
+π(v) = (1 − p)/C · Π_axes cov(x_a) + p/C_fg · K(v)/F_c, where cov is the chance that a uniformly
+centred patch covers coordinate x_a, F_c the case's foreground voxels and K(v) how many of them
+centre a patch that covers v. Zero padding gets weight 0 (it is not data). The weights are
+computed per drawn patch from the foreground list, so they cost no memory per case.
+
 Randomness comes only from the JAX key passed in, so a batch is a pure function of
 `(volumes, settings, key)`. `batch_at(key, i)` folds the batch index into the key, so a
 training loop can resume its data stream from the integer `i` stored in a checkpoint.
@@ -26,6 +37,7 @@ is read in full once, at construction, to list its foreground voxels).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -44,6 +56,7 @@ class Batch(NamedTuple):
     #   where the volume is smaller than the patch and the patch is zero-padded); for 2D
     #   patches starts[:, 2] is the slice index
     forced_foreground: np.ndarray  # [B] bool, item was forced to centre on foreground
+    weights: np.ndarray | None = None  # [B, *P] float32 unbiased voxel weights, or None
 
 
 class PatchSampler:
@@ -59,6 +72,8 @@ class PatchSampler:
       batch_size: items per batch `B`.
       foreground_fraction: probability `p` in [0, 1] that an item is forced to centre on
         a foreground voxel (nnU-Net uses 0.33).
+      unbiased_weights: also return the per-voxel weights that make the batch an unbiased
+        estimate of the full-data sum (module docstring).
 
     Raises:
       ValueError: on empty or mismatched inputs, bad settings, or `p > 0` when no case
@@ -73,6 +88,7 @@ class PatchSampler:
         patch_shape: Sequence[int],
         batch_size: int,
         foreground_fraction: float = 0.33,
+        unbiased_weights: bool = False,
     ):
         self.images = tuple(images)
         self.labels = tuple(labels)
@@ -80,6 +96,7 @@ class PatchSampler:
         self.batch_size = _check_batch_size(batch_size)
         self.foreground_fraction = _check_fraction(foreground_fraction)
         self.num_channels = _check_volumes(self.images, self.labels)
+        self.unbiased_weights = bool(unbiased_weights)
         # Flat (C-order) indices of the foreground voxels of each case, computed once.
         self.foreground_indices = tuple(
             np.flatnonzero(np.asarray(label) > 0).astype(np.int64) for label in self.labels
@@ -131,9 +148,15 @@ class PatchSampler:
             starts[item] = patch_start(centres[item], extent, shape)
             images[item] = extract_patch(self.images[case], starts[item], extent)
             labels[item] = extract_patch(self.labels[case], starts[item], extent)
+        weights = None
+        if self.unbiased_weights:
+            weights = np.stack(
+                [self.voxel_weights(int(c), t) for c, t in zip(cases, starts, strict=True)]
+            )
         if self.spatial_dims == 2:
             images, labels = images[:, :, :, 0], labels[:, :, :, 0]
-        return Batch(images, labels, cases, centres, starts, forced)
+            weights = None if weights is None else weights[:, :, :, 0]
+        return Batch(images, labels, cases, centres, starts, forced, weights)
 
     def batch_at(self, key: jax.Array, index: int, rows: slice | None = None) -> Batch:
         """Batch number `index` of the stream `iterate_batches(key)`: `fold_in(key, index)`."""
@@ -162,6 +185,28 @@ class PatchSampler:
         while num_batches is None or index < start + num_batches:
             yield self.batch_at(key, index)
             index += 1
+
+    def voxel_weights(self, case: int, start: Sequence[int]) -> np.ndarray:
+        """w(v) = 1 / (N·π(v)) over the patch of `case` at `start` (3D extent), 0 on padding."""
+        extent = self._extent()
+        shape = self.labels[case].shape
+        num_data = sum(label.size for label in self.labels) / float(np.prod(extent))
+        uniform = np.ones(extent)
+        for axis, (t, p, s) in enumerate(zip(start, extent, shape, strict=True)):
+            along = np.zeros(p)
+            inside = slice(max(-t, 0), min(s - t, p))
+            along[inside] = _uniform_coverage(s, p)[t + inside.start : t + inside.stop]
+            uniform *= along.reshape([-1 if a == axis else 1 for a in range(3)])
+        coverage = (1.0 - self.foreground_fraction) / self.num_cases * uniform
+        foreground = self.foreground_indices[case]
+        if self.foreground_fraction > 0 and foreground.size:
+            covering = _covering_count(foreground, start, extent, shape)
+            share = self.foreground_fraction / self.foreground_cases.size / foreground.size
+            coverage = coverage + share * covering
+        in_volume = _in_volume(start, extent, shape)
+        with np.errstate(divide="ignore"):
+            weights = np.where(in_volume, 1.0 / (num_data * coverage), 0.0)
+        return weights.astype(np.float32)
 
     def _extent(self) -> tuple[int, int, int]:
         """Patch extent in the volume: 3D patches as given, 2D patches one slice thick."""
@@ -202,6 +247,54 @@ class PatchSampler:
             )
             centres[item] = np.unravel_index(flat, self.labels[case].shape)
         return cases, centres, forced
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_coverage(size: int, extent: int) -> np.ndarray:
+    """[size] chance that the patch around a uniformly drawn centre covers each coordinate."""
+    if size <= extent:
+        return np.ones(size)
+    starts = np.clip(np.arange(size) - extent // 2, 0, size - extent)
+    covering = np.zeros(size + 1)
+    np.add.at(covering, starts, 1.0)
+    np.add.at(covering, starts + extent, -1.0)
+    return np.cumsum(covering)[:size] / size
+
+
+def _covering_count(
+    foreground: np.ndarray, start: Sequence[int], extent: Sequence[int], shape: Sequence[int]
+) -> np.ndarray:
+    """[*extent] how many foreground voxels of the case centre a patch covering each voxel."""
+    centres = np.stack(np.unravel_index(foreground, shape), axis=-1)
+    starts = np.stack(
+        [
+            np.clip(centres[:, a] - p // 2, 0, s - p) if s >= p else np.full(len(centres), t)
+            for a, (t, p, s) in enumerate(zip(start, extent, shape, strict=True))
+        ],
+        axis=-1,
+    )
+    # Patch-local range each of those patches covers, as a difference array summed up.
+    lo = np.clip(starts - np.asarray(start), 0, np.asarray(extent))
+    hi = np.clip(starts - np.asarray(start) + np.asarray(extent), 0, np.asarray(extent))
+    overlaps = np.all(hi > lo, axis=-1)
+    lo, hi = lo[overlaps], hi[overlaps]
+    counts = np.zeros([p + 1 for p in extent])
+    for corner in range(8):
+        picks = [(corner >> a) & 1 for a in range(3)]
+        index = tuple(np.where(pick, hi[:, a], lo[:, a]) for a, pick in enumerate(picks))
+        np.add.at(counts, index, (-1.0) ** sum(picks))
+    for axis in range(3):
+        counts = np.cumsum(counts, axis=axis)
+    return counts[tuple(slice(0, p) for p in extent)]
+
+
+def _in_volume(start: Sequence[int], extent: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """[*extent] which voxels of the patch lie inside the volume (the rest is padding)."""
+    inside = np.ones(extent, bool)
+    for axis, (t, p, s) in enumerate(zip(start, extent, shape, strict=True)):
+        along = (np.arange(p) + t >= 0) & (np.arange(p) + t < s)
+        inside &= along.reshape([-1 if a == axis else 1 for a in range(3)])
+    return inside
 
 
 def patch_start(

@@ -58,6 +58,9 @@ class DataConfig:
       patch_shape: training patch, 3 ints (3D) or 2 (2D axial slices).
       batch_size: patches per step.
       foreground_fraction: share of patches forced to contain tumour.
+      unbiased_weights: weight each voxel's data term by how likely the sampler is to
+        draw it, so that the minibatch term estimates the full-data term without bias
+        (`data.sampler`); False keeps the oversampled, tempered objective.
     """
 
     data_dir: str | None = None
@@ -71,6 +74,7 @@ class DataConfig:
     patch_shape: tuple[int, ...] = (32, 32, 32)
     batch_size: int = 2
     foreground_fraction: float = 0.5
+    unbiased_weights: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,14 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: bfloat16 compute, float32 weights
     devices: int | None = None  # data-parallel devices; None: all that divide the batch
     preset: str = "custom"
+
+    def __post_init__(self):
+        if self.method.method == "mc_dropout" and self.backbone.dropout_rate <= 0:
+            # Without dropout every Monte Carlo sample is the same network: zero epistemic
+            # uncertainty that looks like a confident model.
+            raise ValueError(
+                "method mc_dropout needs backbone.dropout_rate > 0 (the command line uses 0.1)"
+            )
 
     def optim(self) -> OptimConfig:
         return OptimConfig(

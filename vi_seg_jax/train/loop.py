@@ -19,8 +19,9 @@ saving).
 
 Workdir contents: `config.json`, `splits.json`, `metrics.jsonl` (one JSON object per line,
 each with `step`), `summary.json`, `validation.png`, `checkpoints/`, `calibration.json`
-(per-region temperatures fitted on the validation cases for the best checkpoint) and `tensorboard/`
-(event files, when TensorBoard is installed).
+(per-region temperatures fitted on the validation cases for the best checkpoint, with
+prediction's samples and windows, and the validation ECE before and after them) and
+`tensorboard/` (event files, when TensorBoard is installed).
 """
 
 from __future__ import annotations
@@ -33,33 +34,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from vi_seg_jax.backbones import get_backbone
-from vi_seg_jax.bayes.elbo import ObjectiveConfig, num_data_for_patches
+from vi_seg_jax.bayes.elbo import num_data_for_patches
 from vi_seg_jax.bayes.guide import bayesian_paths, split_params
-from vi_seg_jax.bayes.priors import NormalPrior
-from vi_seg_jax.calibration import (
-    CALIBRATION_FILE,
-    apply_temperature,
-    fit_region_temperatures,
-    region_names,
-    region_probabilities,
-    region_truth,
-)
+from vi_seg_jax.calibration import CALIBRATION_FILE
 from vi_seg_jax.checkpoint import checkpoint_manager, read_meta, restore_checkpoint, save_checkpoint
 from vi_seg_jax.data.cache import PreparedCase, prepare_dataset
 from vi_seg_jax.data.default import ensure_default_dataset
 from vi_seg_jax.data.discovery import discover_cases
-from vi_seg_jax.data.preprocess import PreprocessConfig
 from vi_seg_jax.data.sampler import PatchSampler
 from vi_seg_jax.data.splits import make_splits
 from vi_seg_jax.errors import DataError
-from vi_seg_jax.metrics import dice, expected_calibration_error, iou
+from vi_seg_jax.metrics import dice, iou
 from vi_seg_jax.parallel import data_mesh, global_batch, is_primary, process_rows, replicated
 from vi_seg_jax.plots import uncertainty_figure
+from vi_seg_jax.predict import Predictor, TrainedModel, fit_temperatures, load_trained
+from vi_seg_jax.train.build import build_spec, preprocess_config_for
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.metrics_log import MetricsLog, read_records
 from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
@@ -82,53 +74,8 @@ class _Progress:
     last_improvement_step: int = 0
 
 
-def build_spec(config: TrainConfig, num_data: float, *, with_prior: bool = True) -> ModelSpec:
-    """The static model description of a run.
-
-    `with_prior=False` skips loading a deep weight prior (prediction does not need it) and
-    puts the N(0, s²) prior in its place.
-    """
-    backbone = get_backbone(
-        config.backbone.name, num_classes=config.likelihood.num_outputs, **config.backbone.kwargs()
-    )
-    objective = ObjectiveConfig(
-        likelihood=config.likelihood,
-        num_data=num_data,
-        kl_weight=config.kl_weight,
-        kl_warmup_steps=config.kl_warmup_epochs * config.schedule.steps_per_epoch,
-    )
-    prior = NormalPrior(config.method.prior_scale)
-    if config.prior == "dwp" and with_prior:
-        prior = _deep_weight_prior(config, backbone, prior)
-    elif config.prior not in ("normal", "dwp"):
-        raise ValueError(f"unknown prior {config.prior!r}; available: normal, dwp")
-    return ModelSpec(backbone, config.method, objective, config.optim(), prior, config.precision)
-
-
-def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):
-    from vi_seg_jax.dwp.prior import load_prior
-
-    if config.method.method != "vi":
-        raise ValueError("the deep weight prior needs --method vi")
-    if not config.prior_dir:
-        raise ValueError("--prior dwp needs --prior-dir (built by experiments.train_prior)")
-    dims = config.backbone.spatial_dims
-    sample = jnp.zeros((1, *(2**backbone.depth,) * dims, len(config.data.modalities)))
-    shapes = jax.eval_shape(backbone.init, jax.random.key(0), sample)["params"]
-    return load_prior(
-        config.prior_dir,
-        backbone=config.backbone.name,
-        spatial_dims=dims,
-        paths=bayesian_paths(shapes),
-        fallback=fallback,
-        train_encoder=config.dwp_train_encoder,
-    )
-
-
 def _init_from_run(state: TrainState, config: TrainConfig) -> TrainState:
     """Weights of a trained deterministic run (source pretraining), same architecture."""
-    from vi_seg_jax.predict import load_trained
-
     source = load_trained(config.init_from)
     if source.config.method.method != "deterministic":
         raise DataError(Path(config.init_from), "--init-from needs a deterministic run")
@@ -156,21 +103,6 @@ def _init_from_prior(state: TrainState, spec: ModelSpec, key: jax.Array) -> Trai
         raise ValueError("--dwp-init needs --prior dwp")
     guide = init_locations_from_prior(jax.random.fold_in(key, 1), state.guide, spec.prior)
     return state.replace(guide=guide)
-
-
-def backbone_multiple(config: TrainConfig) -> int:
-    """Spatial sizes must be multiples of 2**depth of the backbone."""
-    return 2 ** get_backbone(config.backbone.name, num_classes=2, **config.backbone.kwargs()).depth
-
-
-def preprocess_config_for(config: TrainConfig) -> PreprocessConfig:
-    """How a run's cases are preprocessed (training, validation and prediction alike)."""
-    patch = tuple(config.data.patch_shape)
-    return PreprocessConfig(
-        normalization=config.data.normalization,
-        multiple=backbone_multiple(config),
-        min_shape=patch if len(patch) == 3 else (*patch, 1),
-    )
 
 
 def load_data(config: TrainConfig, *, progress: bool = True):
@@ -253,6 +185,7 @@ def train_and_evaluate(
         patch_shape=config.data.patch_shape,
         batch_size=config.data.batch_size,
         foreground_fraction=config.data.foreground_fraction,
+        unbiased_weights=config.data.unbiased_weights,
     )
     num_data = num_data_for_patches(
         [c.image.shape[:3] for c in train_cases], config.data.patch_shape
@@ -293,7 +226,10 @@ def train_and_evaluate(
     with bar, log:
         for step in range(first_step, schedule.steps):
             batch = sampler.batch_at(data_key, step, rows)
-            arrays = global_batch(mesh, (batch.images, batch.labels), config.data.batch_size)
+            local = (batch.images, batch.labels)
+            if batch.weights is not None:
+                local = (*local, batch.weights)
+            arrays = global_batch(mesh, local, config.data.batch_size)
             state, metrics = train_step(state, arrays)
             done = step + 1
             if done % LOG_EVERY_STEPS == 0 or done == schedule.steps or done % validate_every == 0:
@@ -353,10 +289,12 @@ def train_and_evaluate(
             best_state, _ = restore_checkpoint(
                 manager, state, progress_state.best_step, sharding=shared
             )
-        calibration = _calibrate(best_state, predict, validation_cases, config.likelihood.task)
+        # Fitted with prediction's own settings, so they calibrate what `predict` writes.
+        model = TrainedModel(workdir, config, spec, best_state, int(best_state.step), {})
+        calibration = fit_temperatures(Predictor(model, mesh=mesh), validation_cases)
         summary["temperature"] = calibration["temperature"]
-        summary["val_ece_before_calibration"] = calibration["ece_before"]
-        summary["val_ece_after_calibration"] = calibration["ece_after"]
+        for name in ("ece_before", "ece_after_in_sample", "ece_after_held_out"):
+            summary[f"val_{name}"] = calibration[name]
         figure_maps = predict(state, 0)  # every process takes part in the computation
         if primary:
             _write_json(workdir / CALIBRATION_FILE, {"step": int(best_state.step), **calibration})
@@ -365,28 +303,6 @@ def train_and_evaluate(
             _figure(figure, figure_maps, validation_cases[0], config, samples)
             log.image(int(state.step), "validation", figure)
     return summary
-
-
-def _calibrate(state, predict, cases: list[PreparedCase], task: str) -> dict[str, Any]:
-    """Per-region temperatures fitted on the validation cases, with ECE before and after."""
-    names = region_names(task)
-    probs = [region_probabilities(predict(state, i).mean, task) for i in range(len(cases))]
-    truths = [region_truth(np.asarray(case.label), task) for case in cases]
-    masks = [np.asarray(case.mask) for case in cases]
-    temperature = fit_region_temperatures(probs, truths, masks, task)
-    t = np.array([temperature[r] for r in names])
-
-    def pooled_ece(region: int, calibrated: bool) -> float:
-        p = np.concatenate([q[..., region][m] for q, m in zip(probs, masks, strict=True)])
-        y = np.concatenate([q[..., region][m] for q, m in zip(truths, masks, strict=True)])
-        p = apply_temperature(p, t[region]) if calibrated else p
-        return expected_calibration_error(p, y)
-
-    return {
-        "temperature": temperature,
-        "ece_before": {r: pooled_ece(i, False) for i, r in enumerate(names)},
-        "ece_after": {r: pooled_ece(i, True) for i, r in enumerate(names)},
-    }
 
 
 def _check_same_run(saved: dict, config: TrainConfig, checkpoints: Path) -> None:

@@ -33,7 +33,7 @@ def _compute_dtype(tree, spec: ModelSpec):
     )
 
 
-def _particle_data_terms(trainable, images, labels, key, spec: ModelSpec):
+def _particle_data_terms(trainable, images, labels, weights, key, spec: ModelSpec):
     """Data term per particle [P] and the first particle's logits."""
     params, guide = _compute_dtype(trainable["params"], spec), trainable["guide"]
     images = _compute_dtype(images, spec)
@@ -60,16 +60,19 @@ def _particle_data_terms(trainable, images, labels, key, spec: ModelSpec):
                 spec.backbone, params, kernels, images, train=True, dropout_key=dropout_key
             )
         logits = logits.astype(jnp.float32)
-        return scaled_data_term(logits, labels, spec.objective), logits
+        return scaled_data_term(logits, labels, spec.objective, weights), logits
 
     data, logits = jax.vmap(one)(jax.random.split(key, spec.method.num_particles))
     return data, logits[0]
 
 
-def loss_fn(trainable, images, labels, key, step, spec: ModelSpec):
-    """Negative ELBO (vi) or penalised loss (MAP methods), with metrics."""
+def loss_fn(trainable, images, labels, key, step, spec: ModelSpec, weights=None):
+    """Negative ELBO (vi) or penalised loss (MAP methods), with metrics.
+
+    `weights`: the sampler's unbiased voxel weights [B, *S], or None (`bayes.elbo`).
+    """
     data_key, kl_key = jax.random.split(key)
-    data, logits = _particle_data_terms(trainable, images, labels, data_key, spec)
+    data, logits = _particle_data_terms(trainable, images, labels, weights, data_key, spec)
     data = jnp.mean(data)
     if trainable["guide"] is not None:
         kl = spec.prior.kl(trainable["guide"], kl_key, trainable["prior"])
@@ -89,8 +92,11 @@ def loss_fn(trainable, images, labels, key, step, spec: ModelSpec):
     return loss, metrics
 
 
-def _update(trainable, opt_state, images, labels, key, step, spec: ModelSpec):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, images, labels, key, step, spec)
+def _update(trainable, opt_state, batch, key, step, spec: ModelSpec):
+    images, labels, *weights = batch  # the weights are optional
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(
+        trainable, images, labels, key, step, spec, *weights
+    )
     updates, opt_state = spec.optimizer.update(grads, opt_state, trainable)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return optax.apply_updates(trainable, updates), opt_state, metrics
@@ -101,20 +107,20 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
 
     Args:
       state: the current state.
-      batch: `(images [B, *S, C] float32, labels [B, *S] canonical classes)`.
+      batch: `(images [B, *S, C] float32, labels [B, *S] canonical classes)`, optionally
+        with the sampler's unbiased voxel weights `[B, *S]` float32 as a third element.
       spec: the static description of the model and method.
 
     Returns:
       The next state and scalar metrics: loss, data, kl, kl_weight, dice, grad_norm.
     """
-    images, labels = batch
     next_key, step_key = jax.random.split(state.key)
     if spec.method.method == "ensemble":
         member_keys = jax.random.split(step_key, spec.method.ensemble_size)
 
         def member(params, opt_state, key):
             updated, opt_state, metrics = _update(
-                trainable_tree(params, None, None), opt_state, images, labels, key, state.step, spec
+                trainable_tree(params, None, None), opt_state, batch, key, state.step, spec
             )
             return updated["params"], opt_state, metrics
 
@@ -125,8 +131,7 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
         updated, opt_state, metrics = _update(
             trainable_tree(state.params, state.guide, state.prior_params),
             state.opt_state,
-            images,
-            labels,
+            batch,
             step_key,
             state.step,
             spec,
@@ -170,7 +175,7 @@ def make_train_step(spec: ModelSpec, mesh: Mesh | None = None):
     shared, split = replicated(mesh), batch_sharded(mesh)
     return jax.jit(
         step,
-        in_shardings=(shared, (split, split)),
+        in_shardings=(shared, split),
         out_shardings=(shared, shared),
         donate_argnums=(0,),
     )
