@@ -3,7 +3,7 @@
 `quick` (the default) trains in minutes on a 2-core CPU on the embedded synthetic data:
 
     python -m experiments.train --backbone unet
-    # about 4 minutes on 2 CPU cores; validation Dice (whole tumour) 0.826, IoU 0.706
+    # about 4 minutes on 2 CPU cores; validation Dice (whole tumour) 0.826, IoU 0.707
 
 `paper` is the paper code's configuration, meant for a GPU: the full-size 3D U-Net
 (16/32/64/128 channels), N(0, 1) prior, 0.01·CE (summed over voxels) + 0.99·Dice, Adam 1e-3

@@ -7,7 +7,10 @@ calibration inside the brain mask (ECE with 15 bins, Brier, NLL) of the calibrat
 `_prob` maps and the ECE of the Monte Carlo mean before the temperature
 (`ece_uncalibrated`, from `_prob_uncalibrated`, written when a temperature was applied),
 and the QU-BraTS 2020 score of the `_unc_<region>` maps (the official scorer's definition:
-41 thresholds, true positives and negatives counted inside the brain).
+41 thresholds, true positives and negatives counted inside the brain). The brain is where any
+modality is non-zero, except for QU-BraTS, which takes T1 > 0 when the case has a T1: the
+mask the official scorer uses when given the T1 image, its documented stand-in for a brain
+mask, so that its numbers and these agree.
 """
 
 from __future__ import annotations
@@ -113,10 +116,12 @@ def _read_on_grid(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
     """All metrics of one case (truth and brain mask from its source files)."""
-    volumes = load_case(case, tuple(case.images), with_label=True)
+    modalities = tuple(case.images)
+    volumes = load_case(case, modalities, with_label=True)
     shape = volumes.label.shape
     spacing = tuple(float(v) for v in np.linalg.norm(volumes.affine[:3, :3], axis=0))
     brain = brain_mask(volumes.image)
+    qubrats_brain = volumes.image[..., modalities.index("t1")] > 0 if "t1" in modalities else brain
     truth = regions_from_classes(volumes.label)
     seg = _read_on_grid(run.path(case.case_id, "seg"), shape).astype(np.int16)
     if run.task == "wt":
@@ -133,7 +138,7 @@ def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
         p, y, pred = probs[..., r], truth[..., r], predicted[..., r]
         before = uncalibrated[..., r]
         uncertainty = _read_on_grid(run.path(case.case_id, f"unc_{region}"), shape)
-        curve = qubrats(pred, y, uncertainty, mask=brain)
+        curve = qubrats(pred, y, uncertainty, mask=qubrats_brain)
         values[region] = {
             "dice": dice(pred, y),
             "iou": iou(pred, y),

@@ -291,3 +291,26 @@ def test_unbiased_weights_are_one_where_every_voxel_is_equally_likely():
     assert batch.weights.dtype == np.float32
     plain = PatchSampler(images, labels, patch_shape=(7, 6, 5), batch_size=3)
     assert plain.sample_batch(jax.random.key(0)).weights is None
+
+
+def test_case_weights_cover_every_voxel_and_agree_with_the_drawn_patches():
+    shapes = ((9, 8, 7), (6, 10, 5), (7, 7, 6))
+    images, labels = make_volumes(seed=3, shapes=shapes, channels=1)
+    sampler = PatchSampler(
+        images,
+        labels,
+        patch_shape=(4, 4, 4),
+        batch_size=8,
+        foreground_fraction=0.33,
+        unbiased_weights=True,
+    )
+    maps = [sampler.case_weights(c) for c in range(len(shapes))]
+    # Σ_v π(v) is the number of voxels one patch covers, and 1 / w = N·π, so the inverse
+    # weights sum to N·P, the number of training voxels.
+    total = sum(np.sum(1.0 / m.astype(np.float64)) for m in maps)
+    assert total == pytest.approx(sum(np.prod(s) for s in shapes), rel=1e-5)
+    # Tumour is oversampled, so it weighs less than background.
+    assert maps[0][labels[0] > 0].mean() < 0.5 * maps[0][labels[0] == 0].mean()
+    batch = sampler.sample_batch(jax.random.key(9))
+    for case, start, weights in zip(batch.case_indices, batch.starts, batch.weights, strict=True):
+        np.testing.assert_allclose(weights, extract_patch(maps[case], start, (4, 4, 4)))

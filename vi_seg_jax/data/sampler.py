@@ -38,6 +38,7 @@ is read in full once, at construction, to list its foreground voxels).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -207,6 +208,28 @@ class PatchSampler:
         with np.errstate(divide="ignore"):
             weights = np.where(in_volume, 1.0 / (num_data * coverage), 0.0)
         return weights.astype(np.float32)
+
+    def case_weights(self, case: int) -> np.ndarray:
+        """w(v) for every voxel of `case` [X, Y, Z]: 1 / w is how many times more (or less)
+        the voxel counts in the unweighted data term than its share of the data."""
+        extent, shape = self._extent(), self.labels[case].shape
+        weights = np.zeros(shape, np.float32)
+        tiles = [range(0, s, p) if s >= p else [0] for s, p in zip(shape, extent, strict=True)]
+        for corner in itertools.product(*tiles):
+            # Tiles are shifted inward at the far edges, like the patches themselves.
+            start = [
+                min(c, s - p) if s >= p else -((p - s) // 2)
+                for c, s, p in zip(corner, shape, extent, strict=True)
+            ]
+            tile = self.voxel_weights(case, start)
+            lows = [max(t, 0) for t in start]
+            highs = [min(t + p, n) for t, p, n in zip(start, extent, shape, strict=True)]
+            where = tuple(slice(lo, hi) for lo, hi in zip(lows, highs, strict=True))
+            inside = tuple(
+                slice(lo - t, hi - t) for lo, hi, t in zip(lows, highs, start, strict=True)
+            )
+            weights[where] = tile[inside]
+        return weights
 
     def _extent(self) -> tuple[int, int, int]:
         """Patch extent in the volume: 3D patches as given, 2D patches one slice thick."""
