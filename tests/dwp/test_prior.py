@@ -17,7 +17,6 @@ from vi_seg_jax.bayes.guide import (
     init_guide,
     split_params,
 )
-from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.dwp.kernels import (
     collect_kernels,
     default_groups,
@@ -33,7 +32,14 @@ from vi_seg_jax.dwp.prior import (
     load_prior,
     write_prior,
 )
-from vi_seg_jax.dwp.vae import ENCODER_MODULES, VAEConfig, decode, init_vae
+from vi_seg_jax.dwp.vae import (
+    ENCODER_CHANNELS,
+    ENCODER_MODULES,
+    VAEConfig,
+    decode,
+    encode,
+    init_vae,
+)
 from vi_seg_jax.errors import DataError
 
 
@@ -87,18 +93,20 @@ def test_the_bound_is_above_the_true_kl(small_vae):
     assert gap.mean() > 3 * gap.std() / np.sqrt(gap.size)
 
     # `group_kl_bound` (its own noise) estimates −H[q] + E[bound] ≥ true KL on average.
-    estimates = np.array(
-        [
-            float(group_kl_bound(params, config, loc, log_var, jax.random.key(100 + i)))
-            for i in range(200)
-        ]
+    n = 200
+    estimates = np.asarray(
+        jax.jit(jax.vmap(lambda k: group_kl_bound(params, config, loc, log_var, k)))(
+            jax.random.split(jax.random.key(100), n)
+        ),
+        np.float64,
     )
-    standard_error = estimates.std() / np.sqrt(estimates.size)
+    standard_error = estimates.std(ddof=1) / np.sqrt(n)
     assert estimates.mean() >= true_kl - 3 * standard_error
+    # Both sides are Monte Carlo estimates: −H[q] + Σ_rows E[bound], the latter from the
+    # 400 w draws per row above (pooled over rows: a conservative standard error).
     expected = neg_entropy + rows * bound.mean()
-    assert estimates.mean() == pytest.approx(
-        expected, abs=5 * standard_error + 0.05 * abs(expected)
-    )
+    expected_error = rows * bound.std(ddof=1) / np.sqrt(bound.size)
+    assert abs(estimates.mean() - expected) < 4 * np.hypot(standard_error, expected_error)
 
 
 def test_training_the_encoder_tightens_the_bound_which_stays_above_the_true_kl(small_vae):
@@ -140,6 +148,142 @@ def test_training_the_encoder_tightens_the_bound_which_stays_above_the_true_kl(s
     assert after < before - 3 * np.hypot(before_error, after_error)  # tighter ...
     assert after - true_kl < 0.5 * (before - true_kl)  # ... by more than half the gap
     assert after >= true_kl - 3 * after_error  # still an upper bound
+
+
+# --- an affine Gaussian VAE, whose prior and bound have closed forms ---------------------
+#
+# With every ELU's input kept positive (large biases, cancelled further on), the encoder and
+# decoder are affine: r(z|w) = N(Bw + d, e^λ I) and p(w|z) = N(Az + c, e^λ I), λ = −4 (the
+# middle of the soft clamp's range, where it is the identity). Then the implicit prior is
+# p(w) = N(c, AAᵀ + e^λ I), and the bound's expectation over q and r is a Gaussian integral.
+# With A = a·Q (orthonormal Q, a² = 1 − e^λ) the exact posterior p(z|w) is
+# N(aQᵀ(w − c), e^λ I): the encoder B = aQᵀ, d = −Bc is optimal and the bound is tight.
+
+_AFFINE_LOG_VAR = -4.0
+_OFFSET = 20.0
+
+
+def _affine_vae(config, seed, *, optimal=True):
+    """VAE params with the affine maps above, and the maps {A, c, B, d} (float64)."""
+    dim, latent, hidden = config.kernel_dim, config.latent_dim, config.hidden
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, latent)))
+    a = np.sqrt(1.0 - np.exp(_AFFINE_LOG_VAR))
+    maps = {"A": a * q, "c": 0.3 * rng.normal(size=dim), "B": a * q.T}
+    if not optimal:
+        maps["B"] = 0.5 * maps["B"] + 0.1 * rng.normal(size=(latent, dim))
+    maps["d"] = -maps["B"] @ maps["c"] + (0.0 if optimal else 0.2 * rng.normal(size=latent))
+    shapes = jax.eval_shape(lambda: init_vae(jax.random.key(0), config))
+    p = jax.tree.map(lambda s: np.zeros(s.shape), shapes)
+    # Encoder: channel 0 of the conv copies each pixel (+ offset); the dense layers apply B.
+    p["enc_conv"]["kernel"][(1,) * config.spatial_dims + (0, 0)] = 1.0
+    p["enc_conv"]["bias"][:] = _OFFSET
+    p["enc_hidden"]["kernel"][0::ENCODER_CHANNELS, :latent] = maps["B"].T
+    p["enc_hidden"]["bias"][:] = _OFFSET
+    p["enc_hidden"]["bias"][:latent] -= _OFFSET * maps["B"].sum(1)
+    p["enc_out"]["kernel"][:latent, :latent] = np.eye(latent)
+    p["enc_out"]["bias"][:latent] = maps["d"] - _OFFSET
+    p["enc_out"]["bias"][latent:] = _AFFINE_LOG_VAR
+    # Decoder: z (+ offset) passes both hidden layers; the output layer applies A.
+    p["dec_hidden1"]["kernel"][:, :latent] = np.eye(latent)
+    p["dec_hidden1"]["bias"][:] = _OFFSET
+    p["dec_hidden2"]["kernel"][:] = np.eye(hidden)
+    p["dec_out"]["kernel"][:latent, :dim] = maps["A"].T
+    p["dec_out"]["bias"][:dim] = maps["c"] - _OFFSET * maps["A"].sum(1)
+    p["dec_out"]["bias"][dim:] = _AFFINE_LOG_VAR
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p), maps
+
+
+def _affine_expected_bound(maps, loc, log_var):
+    """E_q[E_r[−log p(w|z)] + KL(r(z|w) ‖ N(0, I))] − H[q], summed over rows, in NumPy.
+
+    w = μ + σ⊙η, z = Bw + d + s⊙ε: the residual w − Az − c is Gaussian with mean
+    Mμ − Ad − c and per-entry variance Σ_j M_ij² σ_j² + Σ_k A_ik² s_k², with M = I − AB.
+    """
+    A, c, B, d = maps["A"], maps["c"], maps["B"], maps["d"]
+    mu, var = np.asarray(loc, np.float64), np.exp(np.asarray(log_var, np.float64))
+    v = s2 = np.exp(_AFFINE_LOG_VAR)
+    m = np.eye(len(c)) - A @ B
+    mean_x = mu @ m.T - A @ d - c
+    var_x = var @ (m**2).T + s2 * np.sum(A**2, axis=1)
+    neg_log_lik = 0.5 * np.sum(np.log(2 * np.pi * v) + (mean_x**2 + var_x) / v, axis=-1)
+    mean_z = mu @ B.T + d
+    kl = 0.5 * np.sum(mean_z**2 + var @ (B**2).T + s2 - 1.0 - np.log(s2), axis=-1)
+    neg_entropy = -0.5 * np.sum(np.log(2 * np.pi * np.e * var))
+    return neg_entropy + np.sum(neg_log_lik + kl)
+
+
+def _affine_true_kl(maps, loc, log_var):
+    """Σ_rows KL(N(μ, diag σ²) ‖ N(c, AAᵀ + e^λ I)), the exact KL to the implicit prior."""
+    A, c = maps["A"], maps["c"]
+    cov = A @ A.T + np.exp(_AFFINE_LOG_VAR) * np.eye(len(c))
+    precision = np.linalg.inv(cov)
+    mu, var = np.asarray(loc, np.float64), np.exp(np.asarray(log_var, np.float64))
+    diff = mu - c
+    per_row = (
+        var @ np.diag(precision)
+        + np.einsum("ri,ij,rj->r", diff, precision, diff)
+        - len(c)
+        + np.linalg.slogdet(cov)[1]
+        - np.sum(np.log(var), axis=-1)
+    )
+    return 0.5 * np.sum(per_row)
+
+
+def _slice_rows(leaf):
+    """One row per (input, output) channel pair: the flattened k×k(×k) slice, in NumPy."""
+    leaf = np.asarray(leaf, np.float64)
+    c_in, c_out = leaf.shape[-2:]
+    return np.stack([leaf[..., i, o].ravel() for i in range(c_in) for o in range(c_out)])
+
+
+def _normal_kl(loc, log_var, variance=1.0):
+    """Σ KL(N(μ, σ²) ‖ N(0, s²)) in NumPy."""
+    m, v = np.asarray(loc, np.float64), np.exp(np.asarray(log_var, np.float64))
+    return np.sum(0.5 * np.log(variance / v) + (v + m**2) / (2 * variance) - 0.5)
+
+
+def _mc_kl(prior, guide, key, n):
+    """n independent draws of the prior's KL bound, float64."""
+    draws = jax.jit(jax.vmap(lambda k: prior.kl(guide, k)))(jax.random.split(key, n))
+    return np.asarray(draws, np.float64)
+
+
+def test_the_bound_has_its_closed_form_for_an_affine_gaussian_vae():
+    config = VAEConfig(spatial_dims=2, latent_dim=2, hidden=8)
+    rng = np.random.default_rng(5)
+    rows = 32
+    loc = jnp.asarray(0.3 * rng.normal(size=(rows, config.kernel_dim)), jnp.float32)
+    log_var = jnp.asarray(rng.uniform(-6, -4, size=(rows, config.kernel_dim)), jnp.float32)
+    # The construction is what it claims: affine maps, log-variance λ.
+    params, maps = _affine_vae(config, 0, optimal=False)
+    w = rng.normal(size=(5, config.kernel_dim))
+    z = 2.0 * rng.normal(size=(5, config.latent_dim))
+    (mu_z, lv_z), (mu_w, lv_w) = encode(params, config, w), decode(params, config, z)
+    np.testing.assert_allclose(mu_z, w @ maps["B"].T + maps["d"], atol=1e-4)
+    np.testing.assert_allclose(mu_w, z @ maps["A"].T + maps["c"], atol=1e-4)
+    np.testing.assert_allclose(lv_z, np.full(lv_z.shape, _AFFINE_LOG_VAR), atol=1e-5)
+    np.testing.assert_allclose(lv_w, np.full(lv_w.shape, _AFFINE_LOG_VAR), atol=1e-5)
+
+    n = 2000
+    estimate = jax.jit(
+        jax.vmap(lambda p, k: group_kl_bound(p, config, loc, log_var, k), in_axes=(None, 0))
+    )
+    keys = jax.random.split(jax.random.key(3), n)
+    # The optimal encoder: the bound's mean is the exact KL to N(c, AAᵀ + e^λ I).
+    params, maps = _affine_vae(config, 0, optimal=True)
+    true_kl = _affine_true_kl(maps, loc, log_var)
+    assert _affine_expected_bound(maps, loc, log_var) == pytest.approx(true_kl, rel=1e-9)
+    draws = np.asarray(estimate(params, keys), np.float64)
+    standard_error = draws.std(ddof=1) / np.sqrt(n)
+    assert abs(draws.mean() - true_kl) < 4 * standard_error
+    # Another encoder: the bound's mean is its Gaussian integral, above the KL by the gap.
+    params, maps = _affine_vae(config, 0, optimal=False)
+    expected = _affine_expected_bound(maps, loc, log_var)
+    draws = np.asarray(estimate(params, keys), np.float64)
+    standard_error = draws.std(ddof=1) / np.sqrt(n)
+    assert abs(draws.mean() - expected) < 4 * standard_error
+    assert expected - true_kl > 10 * standard_error
 
 
 def test_the_bound_is_evaluated_in_chunks_with_the_same_result(small_vae):
@@ -200,10 +344,15 @@ def test_kernel_slices_are_channel_pairs_and_small_ones_are_dropped():
     assert collected["g"].shape == (7, 9)
 
 
-def _prior_folder(tmp_path, params, backbone="unet", dims=3, latent=2, gaussian_groups=None):
+def _prior_folder(
+    tmp_path, params, backbone="unet", dims=3, latent=2, gaussian_groups=None, vaes=None
+):
     groups = default_groups(backbone, bayesian_paths(params))
     config = VAEConfig(spatial_dims=dims, latent_dim=latent, hidden=8)
-    vaes = {name: (init_vae(jax.random.key(i), config), config) for i, name in enumerate(groups)}
+    if vaes is None:
+        vaes = {
+            name: (init_vae(jax.random.key(i), config), config) for i, name in enumerate(groups)
+        }
     kernels = collect_kernels([params], groups)
     return write_prior(
         tmp_path / "prior",
@@ -217,14 +366,31 @@ def _prior_folder(tmp_path, params, backbone="unet", dims=3, latent=2, gaussian_
     )
 
 
+def _affine_vaes(names, dims=3):
+    """Group → (affine VAE params, config, maps); every other group's encoder is optimal."""
+    config = VAEConfig(spatial_dims=dims, latent_dim=2, hidden=8)
+    vaes = {}
+    for i, name in enumerate(sorted(names)):
+        params, maps = _affine_vae(config, i, optimal=i % 2 == 0)
+        vaes[name] = (params, config, maps)
+    return vaes
+
+
+def _group_rows(tree, paths):
+    return np.concatenate([_slice_rows(tree[p]) for p in paths])
+
+
 def test_prior_folder_round_trip_and_the_kl_splits_by_coverage(tmp_path):
     _, params = _unet()
-    folder = _prior_folder(tmp_path, params)
     paths = bayesian_paths(params)
+    affine = _affine_vaes(default_groups("unet", paths))
+    folder = _prior_folder(
+        tmp_path, params, vaes={name: (p, config) for name, (p, config, _) in affine.items()}
+    )
     prior = load_prior(folder, backbone="unet", spatial_dims=3, paths=paths)
     assert isinstance(prior, DeepWeightPrior) and len(prior.groups) == 7
     kernels, _ = split_params(params, paths)
-    guide = init_guide(jax.random.key(1), kernels, GuideConfig())
+    guide = init_guide(jax.random.key(1), kernels, GuideConfig(init_loc_std=0.1))
     key = jax.random.key(2)
     kl = prior.kl(guide, key)
     # Every 3×3×3 kernel of the U-Net is covered: the sum of the groups' bounds, each with
@@ -237,9 +403,24 @@ def test_prior_folder_round_trip_and_the_kl_splits_by_coverage(tmp_path):
         ]
         expected += float(group_kl_bound(*prior.vaes[name], *rows, group_key))
     assert float(kl) == pytest.approx(expected, rel=1e-5)
+    # ... whose mean is, group by group, the closed form of the affine VAE read back from
+    # the folder (one optimal encoder, one not); kernels of the groups left out get the
+    # N(0, 1) KL (both in NumPy).
+    kept = {name: prior.groups[name] for name in ("encoder_2", "up_1")}
+    covered = {p for group in kept.values() for p in group}
+    uncovered = [p for p in loc if p not in covered]
+    expected = sum(_normal_kl(loc[p], log_var[p]) for p in uncovered)
+    for name, group in kept.items():
+        maps = affine[name][2]
+        rows = [_group_rows(a, group) for a in (loc, log_var)]
+        expected += _affine_expected_bound(maps, *rows)
+    n = 64
+    draws = _mc_kl(dataclasses.replace(prior, groups=kept), guide, jax.random.key(3), n)
+    assert abs(draws.mean() - expected) < 4 * draws.std(ddof=1) / np.sqrt(n)
     # ... and without groups, the closed-form N(0, 1) KL.
     empty = dataclasses.replace(prior, groups={}, vaes={})
-    assert float(empty.kl(guide, key)) == pytest.approx(float(NormalPrior().kl(guide)), rel=1e-6)
+    everything = sum(_normal_kl(loc[p], log_var[p]) for p in loc)
+    assert float(empty.kl(guide, key)) == pytest.approx(everything, rel=1e-5)
 
 
 def _flat(tree):
@@ -285,21 +466,22 @@ def test_groups_whose_vae_lost_take_their_gaussian_in_closed_form(tmp_path):
     paths = bayesian_paths(params)
     names = sorted(default_groups("unet", paths))
     variance = {names[0]: 0.04, names[3]: 0.25}
-    folder = _prior_folder(tmp_path, params, gaussian_groups=variance)
+    affine = _affine_vaes(names)
+    folder = _prior_folder(
+        tmp_path,
+        params,
+        gaussian_groups=variance,
+        vaes={name: (p, config) for name, (p, config, _) in affine.items()},
+    )
     prior = load_prior(folder, backbone="unet", spatial_dims=3, paths=paths)
     assert prior.gaussian == variance
     kernels, _ = split_params(params, paths)
-    guide = init_guide(jax.random.key(1), kernels, GuideConfig())
+    guide = init_guide(jax.random.key(1), kernels, GuideConfig(init_loc_std=0.1))
     key = jax.random.key(2)
     loc, log_var = _flat(guide.loc), _flat(guide.log_var)
 
     def closed_form(name):  # KL(N(μ, σ_q²) ‖ N(0, s²)) summed, in NumPy
-        s2 = variance[name]
-        total = 0.0
-        for path in prior.groups[name]:
-            m, v = np.asarray(loc[path], np.float64), np.exp(np.asarray(log_var[path], np.float64))
-            total += np.sum(0.5 * np.log(s2 / v) + (v + m**2) / (2 * s2) - 0.5)
-        return total
+        return sum(_normal_kl(loc[p], log_var[p], variance[name]) for p in prior.groups[name])
 
     expected = 0.0
     for group_key, name in zip(jax.random.split(key, 7), names, strict=True):
@@ -312,6 +494,17 @@ def test_groups_whose_vae_lost_take_their_gaussian_in_closed_form(tmp_path):
             ]
             expected += float(group_kl_bound(*prior.vaes[name], *rows, group_key))
     assert float(prior.kl(guide, key)) == pytest.approx(expected, rel=1e-5)
+    # In expectation, with the groups' Gaussians, one VAE group and N(0, 1) on the rest: all
+    # three closed forms (NumPy), each group's for its own kernels.
+    kept = {name: prior.groups[name] for name in (names[0], names[3], "up_3")}
+    covered = {p for group in kept.values() for p in group}
+    expected = closed_form(names[0]) + closed_form(names[3])
+    expected += sum(_normal_kl(loc[p], log_var[p]) for p in loc if p not in covered)
+    rows = [_group_rows(a, kept["up_3"]) for a in (loc, log_var)]
+    expected += _affine_expected_bound(affine["up_3"][2], *rows)
+    n = 64
+    draws = _mc_kl(dataclasses.replace(prior, groups=kept), guide, jax.random.key(3), n)
+    assert abs(draws.mean() - expected) < 4 * draws.std(ddof=1) / np.sqrt(n)
     # DWP initialisation draws those groups' locations from the Gaussian.
     initial = _flat(init_locations_from_prior(jax.random.key(3), guide, prior).loc)
     drawn = np.concatenate([np.ravel(initial[p]) for p in prior.groups[names[3]]])

@@ -2,7 +2,10 @@ import os
 import subprocess
 import sys
 
-from tests.data.cases import write_case, write_dataset
+import numpy as np
+
+from tests.data.cases import brain_image, write_case
+from vi_seg_jax.io.nifti import write_nifti
 
 
 def _run(*args, cache):
@@ -16,14 +19,52 @@ def _run(*args, cache):
     )
 
 
+# MSD Task01 release labels: 1 edema, 2 non-enhancing tumour core, 3 enhancing tumour.
+# BraTS regions: WT = any tumour, TC = core + enhancing, ET = enhancing.
+MSD_REGIONS = {"wt": (1, 2, 3), "tc": (2, 3), "et": (3,)}
+VOXEL_MM = (10.0, 10.0, 8.0)  # 0.8 ml per voxel: volumes large enough to read at 0.1 ml
+
+
+def _msd_labels(shape=(6, 7, 5)):
+    """Three cases' release labels with different region volumes (one without tumour)."""
+    first = np.zeros(shape, np.uint8)
+    first[1:5, 1:6, 1:4] = 1
+    first[2:4, 2:5, 2:3] = 2
+    first[3, 3, 2] = 3
+    second = np.zeros(shape, np.uint8)
+    second[1:3, 2:6, 1:4] = 1
+    second[2, 3:5, 2:4] = 3
+    return {"BRATS_001": first, "BRATS_002": second, "BRATS_003": np.zeros(shape, np.uint8)}
+
+
+def _write_msd(root, labels):
+    affine = np.diag([*VOXEL_MM, 1.0])
+    for case_id, label in labels.items():
+        image = np.stack([brain_image(label.shape, 10.0 * (c + 1)) for c in range(4)], axis=-1)
+        write_nifti(root / "imagesTr" / f"{case_id}.nii.gz", image, affine=affine)
+        write_nifti(root / "labelsTr" / f"{case_id}.nii.gz", label, affine=affine, kind="label")
+    return root
+
+
 def test_reports_layout_cases_and_region_volumes(tmp_path):
-    root = write_dataset(tmp_path / "msd", "msd")
+    labels = _msd_labels()
+    root = _write_msd(tmp_path / "msd", labels)
     result = _run("--data-dir", str(root), "--require-labels", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert "3 cases in layout msd" in result.stdout
-    assert "BRATS_002" in result.stdout
     assert "3 cases valid" in result.stdout
-    assert (tmp_path / "cache" / "preprocessed").is_dir()
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
+    voxel_ml = np.prod(VOXEL_MM) / 1000.0
+    for case_id, label in labels.items():
+        # case, grid, voxel mm, then the WT/TC/ET volumes in ml: counted here in NumPy.
+        _, grid, spacing, *volumes = rows[case_id]
+        assert grid == "6x7x5" and spacing == "10x10x8"
+        expected = [np.isin(label, MSD_REGIONS[r]).sum() * voxel_ml for r in ("wt", "tc", "et")]
+        np.testing.assert_allclose([float(v) for v in volumes], expected, atol=0.051)
+        # The cache holds the case, cropped to the brain but with every tumour voxel kept.
+        (cached,) = (tmp_path / "cache" / "preprocessed").glob(f"*/{case_id}/label.npy")
+        assert np.count_nonzero(np.load(cached)) == np.count_nonzero(label)
+    assert rows["BRATS_001"][3:] == ["48.0", "4.8", "0.8"]  # 60, 6 and 1 voxels
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):

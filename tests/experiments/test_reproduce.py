@@ -3,6 +3,7 @@
 import csv
 
 import jax
+import numpy as np
 import pytest
 
 from experiments import reproduce
@@ -25,11 +26,59 @@ def test_dice_iou_table_has_every_backbone_and_size_beside_the_paper(tmp_path, m
     assert {(r["backbone"], r["train_size"]) for r in rows} == {
         (b, s) for b in ("unet", "fcn") for s in ("1", "2")
     }
-    assert all(0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["iou"]) <= 1.0 for r in rows)
+    # Each row is the Dice / IoU of its run's test prediction against the label file, both
+    # counted here in NumPy (the predictor is seeded per case: the same labels again).
     dice = (tables / "dice.md").read_text().splitlines()
+    iou = (tables / "iou.md").read_text().splitlines()
     assert dice[0] == "| backbone | train_size 1 | train_size 2 |"
     assert [line.split(" |")[0] for line in dice[2:]] == ["| unet", "| fcn"]
-    assert (tables / "iou.md").exists() and (tables / "dice_vs_train_size.png").exists()
+    for row in rows:
+        workdir = tmp_path / "out" / "runs" / f"{row['backbone']}-n{row['train_size']}-r0"
+        expected_dice, expected_iou = _recomputed_dice_iou(workdir, samples=1)
+        assert float(row["dice"]) == pytest.approx(expected_dice, abs=1e-12)
+        assert float(row["iou"]) == pytest.approx(expected_iou, abs=1e-12)
+        # The tables' cells: 100 × mean ± std (runs) beside the paper's number.
+        line = 2 + ["unet", "fcn"].index(row["backbone"])
+        column = 1 + ["1", "2"].index(row["train_size"])
+        for table, metric, value in ((dice, "dice", expected_dice), (iou, "iou", expected_iou)):
+            paper = reproduce.PAPER[(metric, row["backbone"])].get(int(row["train_size"]))
+            note = "" if paper is None else f" (paper {paper:.1f})"  # none for 1 or 2 cases
+            cell = table[line].split(" | ")[column].strip(" |")
+            assert cell == f"{100 * value:.1f} ± 0.0 (1){note}"
+    _assert_png(tables / "dice_vs_train_size.png", width=650, height=400)
+
+
+def _recomputed_dice_iou(workdir, samples):
+    """Mean Dice and IoU over the run's test cases, from a fresh prediction with `samples`
+    Monte Carlo samples (as the study's), counted in NumPy."""
+    import nibabel as nib
+
+    from experiments.studies import held_out_cases, predictor_for
+
+    predictor = predictor_for(workdir, samples)
+    dices, ious = [], []
+    for case in held_out_cases(workdir):
+        predicted = predictor.predict_case(case, progress=False).labels > 0
+        truth = np.asarray(nib.load(case.label).dataobj) > 0  # any BraTS tumour label
+        both, either = np.sum(predicted & truth), np.sum(predicted | truth)
+        dices.append(2 * both / (predicted.sum() + truth.sum()) if either else 1.0)
+        ious.append(both / either if either else 1.0)
+    assert dices  # a test case was scored
+    return float(np.mean(dices)), float(np.mean(ious))
+
+
+def _assert_png(path, *, width, height):
+    """A PNG of the given size (header) that decodes to an image that is not blank."""
+    import struct
+
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (width, height)
+    pixels = imread(path)
+    assert pixels.shape[:2] == (height, width)
+    assert np.ptp(pixels[..., :3]) > 0.5  # drawn on: dark lines on white
 
 
 def test_paper_numbers_sit_beside_the_cells():

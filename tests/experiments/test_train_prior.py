@@ -7,14 +7,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from experiments import train, train_prior
 from vi_seg_jax.checkpoint import checkpoint_manager, restore_checkpoint
 from vi_seg_jax.data.synthetic import write_dataset
 from vi_seg_jax.dwp.vae import load_vae
 from vi_seg_jax.predict import load_trained
+from vi_seg_jax.train.build import build_spec
 from vi_seg_jax.train.config import TrainConfig
-from vi_seg_jax.train.loop import build_spec
 from vi_seg_jax.train.state import create_train_state
 
 TINY = ["--features", "4", "8", "8", "16", "--patch", "16", "16", "16", "--no-progress"]
@@ -42,16 +43,61 @@ def test_prior_folder_holds_a_vae_per_group_and_the_kernels(prior):
         "up_2",
         "up_3",
     ]
-    assert len(manifest["reports"]["sources"]) == 2
-    for group in manifest["groups"]:
+    sources = manifest["reports"]["sources"]
+    assert len(sources) == 2
+    source_params = [
+        traverse_util.flatten_dict(load_trained(source).state.params, sep="/") for source in sources
+    ]
+    for group, paths in manifest["groups"].items():
         report = manifest["reports"][group]
-        assert np.isfinite(report["heldout_neg_elbo"])
-        assert np.isfinite(report["heldout_normal_neg_log_lik"])
         kernels = np.load(prior / "kernels" / f"{group}.npy")
-        assert kernels.shape[1] == 27 and np.all(np.linalg.norm(kernels, axis=1) > 1e-2)
+        # The kernels are every k×k×k slice (one per input/output channel pair) of the group's
+        # layers in both source networks, but those of L2 norm ≤ 1e-2 (in any order).
+        slices = np.array(
+            [
+                params[path][..., i, o].ravel()
+                for params in source_params
+                for path in paths
+                for i in range(params[path].shape[-2])
+                for o in range(params[path].shape[-1])
+            ]
+        )
+        slices = slices[np.linalg.norm(slices, axis=1) > 1e-2]
+        np.testing.assert_array_equal(_sorted_rows(kernels), _sorted_rows(slices))
+        _check_normal_baseline(report, kernels)
+        assert np.isfinite(report["heldout_neg_elbo"])
         _, config = load_vae(prior / "vae" / group)
         assert config.latent_dim == 6 and config.spatial_dims == 3
     assert not list(prior.parent.glob(".prior.*"))  # nothing half-written
+
+
+def _sorted_rows(rows):
+    rows = np.asarray(rows, np.float32)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def _check_normal_baseline(report, kernels):
+    """The N(0, σ²) baseline agrees with the kernels whatever the (seeded) split was.
+
+    train, validation and held-out kernels partition the group's kernels. σ² is the mean
+    square of the training entries, so their sum of squares is S_t = n_t·D·σ²; the held-out
+    −log N(w; 0, σ²I), averaged, is S_h/(2σ² n_h) + (D/2)·log 2πσ², which gives S_h. Each
+    S, and S_v = Σ_all − S_t − S_h, lies between the sums of the n smallest and n largest
+    squared norms.
+    """
+    counts = [int(report[k]) for k in ("train_kernels", "heldout_kernels", "validation_kernels")]
+    assert sum(counts) == len(kernels) and min(counts[:2]) >= 1
+    dim = kernels.shape[1]
+    squares = np.sort(np.sum(np.asarray(kernels, np.float64) ** 2, axis=1))
+    variance = report["normal_variance"]
+    train = counts[0] * dim * variance
+    quadratic = report["heldout_normal_neg_log_lik"] - 0.5 * dim * np.log(2 * np.pi * variance)
+    heldout = 2 * variance * counts[1] * quadratic
+    validation = squares.sum() - train - heldout
+    rounding = 1e-6 * squares.sum()
+    for total, n in zip((train, heldout, validation), counts, strict=True):
+        smallest, largest = squares[:n].sum(), squares[len(squares) - n :].sum()
+        assert smallest - rounding <= total <= largest + rounding
 
 
 def _restored(workdir):

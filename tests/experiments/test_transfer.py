@@ -4,8 +4,10 @@ import csv
 from pathlib import Path
 
 import jax
+import pytest
 
 from experiments import transfer
+from tests.experiments.test_reproduce import _assert_png, _recomputed_dice_iou
 from vi_seg_jax.data.synthetic import write_dataset
 
 
@@ -52,7 +54,16 @@ def test_the_study_runs_end_to_end_and_writes_its_tables(tmp_path, monkeypatch):
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["variant"], r["train_size"]) for r in rows] == [("PRf", "1"), ("DWP-E", "1")]
-    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
-    table = (out / "dice.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["PRf", "DWP-E"]
-    assert (out / "dice_vs_train_size.png").stat().st_size > 0
+    # Each row is the Dice / IoU of its run's test prediction against the label file, counted
+    # here in NumPy; the tables show them as 100 × mean ± std (runs).
+    dice = (out / "dice.md").read_text().splitlines()
+    iou = (out / "iou.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in dice[2:]] == ["PRf", "DWP-E"]
+    for line, row in enumerate(rows, start=2):
+        workdir = out / "runs" / f"{row['variant']}-n1-r0"
+        expected_dice, expected_iou = _recomputed_dice_iou(workdir, samples=1)
+        assert float(row["dice"]) == pytest.approx(expected_dice, abs=1e-12)
+        assert float(row["iou"]) == pytest.approx(expected_iou, abs=1e-12)
+        assert dice[line] == f"| {row['variant']} | {100 * expected_dice:.1f} ± 0.0 (1) |"
+        assert iou[line] == f"| {row['variant']} | {100 * expected_iou:.1f} ± 0.0 (1) |"
+    _assert_png(out / "dice_vs_train_size.png", width=650, height=400)

@@ -171,3 +171,24 @@ def test_bf16_training_computes_in_bfloat16_and_still_learns(sampler):
     assert all(np.isfinite(h["loss"]) for h in history)
     assert _mean(history, "data", "last") < 0.6 * _mean(history, "data", "first")
     assert _mean(history, "dice", "last") > 0.6
+
+
+def test_a_batch_with_voxel_weights_of_one_takes_the_unweighted_step(sampler):
+    spec = _spec("unet")
+    batch = sampler.batch_at(jax.random.key(4), 0)
+    state = create_train_state(jax.random.key(0), spec, batch.images)
+    step = make_train_step(spec)
+    plain, plain_metrics = step(state, (batch.images, batch.labels))
+    state = create_train_state(jax.random.key(0), spec, batch.images)
+    ones = np.ones(batch.labels.shape, np.float32)
+    weighted, metrics = step(state, (batch.images, batch.labels, ones))
+    np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-6)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        plain.guide,
+        weighted.guide,
+    )
+    # Doubling every weight doubles the data term.
+    state = create_train_state(jax.random.key(0), spec, batch.images)
+    _, doubled = step(state, (batch.images, batch.labels, 2 * ones))
+    np.testing.assert_allclose(doubled["data"], 2 * plain_metrics["data"], rtol=1e-5)
