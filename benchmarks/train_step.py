@@ -279,9 +279,10 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     import numpy as np
 
     from vi_seg_jax.backbones import get_backbone
+    from vi_seg_jax.methods import MethodConfig
     from vi_seg_jax.ops import ConvEngine, clear_tuning_memory, tuning_report
     from vi_seg_jax.parallel import batch_sharded, data_mesh, replicated
-    from vi_seg_jax.train.state import MethodConfig, ModelSpec, create_train_state
+    from vi_seg_jax.train.state import ModelSpec, create_train_state
     from vi_seg_jax.train.step import make_train_step
 
     d = args.spatial_dims

@@ -50,6 +50,16 @@ def run_cli(
     sys.exit(status or 0)
 
 
+def make_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m {module}`: `doc`'s first paragraph as its description, and
+    every flag's default shown in `--help`."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """`--devices` and the flags that join a multi-process (multi-host) run."""
     add = parser.add_argument

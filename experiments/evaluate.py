@@ -11,7 +11,6 @@ dataset. Writes `cases.csv` (one row per case, `<region>_<metric>` columns),
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summarize,
         write_cases_csv,
     )
+    from vi_seg_jax.io.folders import write_json_atomic, write_text_atomic
     from vi_seg_jax.plots import qubrats_figure, reliability_figure
 
     run = PredictionRun.read(args.pred)
@@ -72,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     regions = run.regions
     write_cases_csv(args.out / "cases.csv", scores, regions)
     summary = summarize(scores, regions)
-    _write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(args.out / "summary.json", summary)
     table = markdown_table(summary, regions)
-    _write_text(args.out / "summary.md", table + "\n")
+    write_text_atomic(args.out / "summary.md", table + "\n")
     reliability_figure(
         args.out / "reliability.png",
         {
@@ -92,12 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     print(f"results in {args.out}/ (cases.csv, summary.json, plots)", file=sys.stderr)
     return 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

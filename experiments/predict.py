@@ -20,7 +20,6 @@ the maps equal one device's up to float rounding. Multi-process runs take the fl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vi_seg_jax.data.discovery import discover_cases
     from vi_seg_jax.errors import DataError
+    from vi_seg_jax.io.folders import write_json_atomic
     from vi_seg_jax.parallel import is_primary
     from vi_seg_jax.predict import Predictor, load_trained, read_splits, write_case
 
@@ -136,19 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["cases"].append(case.case_id)
         if primary:
             write_case(args.out, prediction, model.regions)
-            _write_json(args.out / "prediction.json", record)
+            write_json_atomic(args.out / "prediction.json", record)
     print(
         f"{len(record['cases'])} case(s), {predictor.num_samples} samples each, "
         f"checkpoint step {model.step}: {args.out}/",
         file=sys.stderr,
     )
     return 0
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.common import run_cli
+from experiments.common import make_parser, run_cli
 from experiments.configs import get_config, with_overrides
 from experiments.studies import held_out_dice_iou, mean_std_table, train_or_reuse, write_csv
 
@@ -49,11 +49,7 @@ _PRESETS = {"quick": (2, (64, 64), 8, 150), "paper": (3, (128, 128, 128), 1, 20_
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.reproduce",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser("experiments.reproduce", __doc__)
     add = parser.add_argument
     add("--table", required=True, choices=("dice-iou", "methods"), help="which study")
     add("--out", required=True, type=Path, help="output folder (tables/ and runs/ inside)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,12 +32,7 @@ def predictor_for(workdir: Path, samples: int):
     from vi_seg_jax.predict import Predictor, load_trained
 
     model = load_trained(workdir)
-    method = model.config.method
-    if method.method == "deterministic":
-        samples = 1
-    elif method.method == "ensemble":
-        samples = method.ensemble_size
-    return Predictor(model, num_samples=samples)
+    return Predictor(model, num_samples=model.spec.strategy.default_samples(samples))
 
 
 def held_out_dice_iou(workdir: Path, samples: int) -> dict[str, float]:
@@ -56,12 +50,9 @@ def held_out_dice_iou(workdir: Path, samples: int) -> dict[str, float]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    from vi_seg_jax.io.folders import write_csv_atomic
+
+    write_csv_atomic(path, list(rows[0]), [list(row.values()) for row in rows])
 
 
 def mean_std_table(

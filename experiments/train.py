@@ -16,22 +16,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.common import add_device_flags, distributed_config, run_cli
+from experiments.common import add_device_flags, distributed_config, make_parser, run_cli
 from experiments.configs import PRESETS, get_config, with_overrides
 from vi_seg_jax.backbones import BACKBONES
+from vi_seg_jax.methods import METHODS
 from vi_seg_jax.parallel import data_mesh, initialize_distributed
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.loop import TrainingError, train_and_evaluate
 from vi_seg_jax.train.metrics_log import TENSORBOARD_DIR
-from vi_seg_jax.train.state import METHODS
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.train",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser("experiments.train", __doc__)
     add = parser.add_argument
     add("--backbone", choices=sorted(BACKBONES), default="unet", help="network architecture")
     add(
@@ -52,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     )
     add(
         "--method",
-        choices=METHODS,
+        choices=tuple(METHODS),
         help="vi: variational posterior; deterministic: MAP; mc_dropout; ensemble",
     )
     add(
@@ -166,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         backbone["features"] = tuple(args.features)
     if args.method:
         method["method"] = args.method
-        if args.method == "mc_dropout":
+        if METHODS[args.method].needs_dropout:
             backbone["dropout_rate"] = 0.1
     if args.estimator:
         method["estimator"] = args.estimator
@@ -243,7 +239,7 @@ def _check(config: TrainConfig) -> None:
         raise ValueError(
             "--prior dwp needs --prior-dir (built by python -m experiments.train_prior)"
         )
-    if config.prior == "dwp" and config.method.method != "vi":
+    if config.prior == "dwp" and not METHODS[config.method.method].has_guide:
         raise ValueError("--prior dwp needs --method vi")
     if config.prior_dir and config.prior != "dwp":
         raise ValueError("--prior-dir is only used with --prior dwp")

@@ -23,17 +23,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.common import run_cli
+from experiments.common import make_parser, run_cli
 from experiments.configs import PRESETS, get_config, with_overrides
 from vi_seg_jax.backbones import BACKBONES
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.train_prior",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser("experiments.train_prior", __doc__)
     add = parser.add_argument
     add("--backbone", choices=sorted(BACKBONES), default="unet", help="target architecture")
     add("--out", required=True, type=Path, help="the prior folder to write")
@@ -120,15 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vi_seg_jax.bayes.guide import bayesian_paths
     from vi_seg_jax.dwp.kernels import collect_kernels, default_groups
     from vi_seg_jax.dwp.prior import write_prior
-    from vi_seg_jax.dwp.vae import VAEConfig, train_vae
+    from vi_seg_jax.dwp.vae import VAEConfig
+    from vi_seg_jax.dwp.vae_training import train_vae
     from vi_seg_jax.errors import DataError
+    from vi_seg_jax.methods import Deterministic
     from vi_seg_jax.predict import load_trained
 
     runs = args.source_runs or train_sources(args)
     models = [load_trained(run) for run in runs]
     for run, model in zip(runs, models, strict=True):
-        if model.config.backbone.name != args.backbone or model.config.method.method != (
-            "deterministic"
+        if model.config.backbone.name != args.backbone or not isinstance(
+            model.spec.strategy, Deterministic
         ):
             raise DataError(
                 run,

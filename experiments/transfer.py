@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.common import run_cli
+from experiments.common import make_parser, run_cli
 from experiments.configs import get_config, with_overrides
 from experiments.studies import held_out_dice_iou, mean_std_table, train_or_reuse, write_csv
 from vi_seg_jax.backbones import get_backbone
@@ -41,11 +41,7 @@ _PRESETS = {"quick": (2, (64, 64), 8, 150), "paper": (3, (128, 128, 128), 1, 20_
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.transfer",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser("experiments.transfer", __doc__)
     add = parser.add_argument
     add("--out", required=True, type=Path, help="output folder")
     add("--backbone", default="unet", choices=("unet", "vnet", "fcn"), help="architecture")

@@ -16,11 +16,12 @@ import numpy as np
 from vi_seg_jax.backbones import get_backbone
 from vi_seg_jax.bayes.elbo import LikelihoodConfig, ObjectiveConfig
 from vi_seg_jax.bayes.guide import GuideConfig
+from vi_seg_jax.methods import MethodConfig
 from vi_seg_jax.parallel import data_mesh, global_batch, process_rows, replicated
 from vi_seg_jax.predict import Predictor, TrainedModel
 from vi_seg_jax.train.build import build_spec
 from vi_seg_jax.train.config import BackboneConfig, DataConfig, TrainConfig
-from vi_seg_jax.train.state import MethodConfig, ModelSpec, OptimConfig, create_train_state
+from vi_seg_jax.train.state import ModelSpec, OptimConfig, create_train_state
 from vi_seg_jax.train.step import make_train_step
 from vi_seg_jax.uncertainty import (
     add_samples,

@@ -15,7 +15,8 @@ from vi_seg_jax.inference import (
     volume_sample_fn,
     window_origins,
 )
-from vi_seg_jax.train.state import MethodConfig, ModelSpec, create_train_state
+from vi_seg_jax.methods import MethodConfig
+from vi_seg_jax.train.state import ModelSpec, create_train_state
 from vi_seg_jax.uncertainty import posterior_predictive, sample_fn_for
 
 

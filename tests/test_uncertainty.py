@@ -8,7 +8,8 @@ import pytest
 from tests.bayes.tiny import TinyNet, tiny_batch
 from vi_seg_jax.bayes.elbo import probabilities
 from vi_seg_jax.bayes.layers import apply_backbone
-from vi_seg_jax.train.state import MethodConfig, ModelSpec, create_train_state
+from vi_seg_jax.methods import MethodConfig
+from vi_seg_jax.train.state import ModelSpec, create_train_state
 from vi_seg_jax.uncertainty import (
     _psum_devices,
     add_samples,

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from vi_seg_jax.errors import DataError
+from vi_seg_jax.errors import DataError, first_line
 from vi_seg_jax.train.state import TrainState
 
 BEST_METRIC = "val_dice"
@@ -118,8 +118,7 @@ def restore_checkpoint(
             step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
         )
     except TypeError as error:  # Orbax: the checkpoint has None where `like` has arrays
-        first_line = str(error).strip().splitlines()[0]
-        raise DataError(where, f"does not hold this run's state ({first_line})") from None
+        raise DataError(where, f"does not hold this run's state ({first_line(error)})") from None
     state = restored["state"]
     missing = [
         jax.tree_util.keystr(path)

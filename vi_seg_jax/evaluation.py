@@ -15,7 +15,6 @@ mask, so that its numbers and these agree.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -29,6 +28,7 @@ from vi_seg_jax.data.discovery import CaseFiles
 from vi_seg_jax.data.loading import load_case
 from vi_seg_jax.data.preprocess import brain_mask
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.io.folders import write_csv_atomic
 from vi_seg_jax.io.nifti import read_nifti
 from vi_seg_jax.metrics import (
     CalibrationBins,
@@ -212,15 +212,10 @@ def summarize(scores: list[CaseScores], regions: tuple[str, ...]) -> dict[str, A
 
 def write_cases_csv(path: Path, scores: list[CaseScores], regions: tuple[str, ...]) -> None:
     columns = ["case_id"] + [f"{r}_{m}" for r in regions for m in METRICS]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for s in scores:
-            writer.writerow(
-                [s.case_id] + [f"{s.values[r][m]:.6g}" for r in regions for m in METRICS]
-            )
-    tmp.replace(path)
+    rows = [
+        [s.case_id] + [f"{s.values[r][m]:.6g}" for r in regions for m in METRICS] for s in scores
+    ]
+    write_csv_atomic(path, columns, rows)
 
 
 def markdown_table(summary: dict[str, Any], regions: tuple[str, ...]) -> str:

@@ -58,11 +58,7 @@ def uncertainty_figure(
             figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
     figure.suptitle(f"{title} (axial slice {z})" if title else f"axial slice {z}")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def _save(figure: plt.Figure, path: str | Path) -> Path:

@@ -48,7 +48,7 @@ from vi_seg_jax.data.conventions import classes_from_regions
 from vi_seg_jax.data.discovery import CaseFiles
 from vi_seg_jax.data.loading import load_case
 from vi_seg_jax.data.preprocess import preprocess, to_original_grid
-from vi_seg_jax.errors import DataError
+from vi_seg_jax.errors import DataError, first_line
 from vi_seg_jax.inference import WindowConfig, volume_sample_fn
 from vi_seg_jax.io.nifti import read_nifti_header, write_nifti
 from vi_seg_jax.parallel import batch_sharded, replicated
@@ -70,6 +70,7 @@ from vi_seg_jax.uncertainty import (
 # similar size share one compiled predictor.
 SHAPE_BUCKET = 32
 DEFAULT_WINDOW = 96
+DEFAULT_SAMPLES = 20  # Monte Carlo samples of a case, for the methods that sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +97,7 @@ class TrainedModel:
         return region_names(self.task)
 
     def default_samples(self) -> int:
-        method = self.config.method
-        if method.method == "deterministic":
-            return 1
-        return method.ensemble_size if method.method == "ensemble" else 20
+        return self.spec.strategy.default_samples(DEFAULT_SAMPLES)
 
 
 def _best_step(workdir: Path, steps: list[int]) -> int:
@@ -150,10 +148,9 @@ def load_trained(workdir: str | Path, step: int | None = None) -> TrainedModel:
     try:
         state, _ = restore_checkpoint(manager, like, step)
     except (ValueError, KeyError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise DataError(
             checkpoints / str(step),
-            f"does not match the {config.backbone.name} model of config.json ({first_line})",
+            f"does not match the {config.backbone.name} model of config.json ({first_line(error)})",
         ) from None
     return TrainedModel(workdir, config, spec, state, step, *_calibration(workdir, step))
 
@@ -260,10 +257,8 @@ class Predictor:
             # Several VI samples or ensemble members at once vmap per-sample kernels. MC
             # dropout shares its weights, so vmapped samples simply fold into the batch of
             # the usual convolutions.
-            per_sample_kernels = self.model.config.method.method in ("vi", "ensemble")
-            add_spec = (
-                spec.for_batched_kernels() if self.chunk_size > 1 and per_sample_kernels else spec
-            )
+            batched = self.chunk_size > 1 and spec.strategy.samples_own_kernels
+            add_spec = spec.for_batched_kernels() if batched else spec
 
             def add(sums, state, volume, key, chunk):
                 sample_fn = volume_sample_fn(sample_fn_for(add_spec, state), window, dims)

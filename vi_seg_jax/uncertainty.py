@@ -45,8 +45,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from vi_seg_jax.bayes.elbo import Task, probabilities
-from vi_seg_jax.bayes.guide import merge_params, sample_kernels
-from vi_seg_jax.bayes.layers import apply_backbone, apply_sampled
 from vi_seg_jax.parallel import DATA_AXIS
 from vi_seg_jax.train.state import ModelSpec, TrainState
 
@@ -291,43 +289,11 @@ def sum_devices(sums: PredictiveSums) -> PredictiveSums:
 def sample_fn_for(spec: ModelSpec, state: TrainState) -> SampleFn:
     """One posterior sample of the trained model, whatever the method."""
     task = spec.objective.likelihood.task
-    method = spec.method.method
 
     def sample(index, key, images):
-        if method == "vi":
-            logits, _ = apply_sampled(
-                spec.backbone, state.params, sample_kernels(key, state.guide), images
-            )
-        elif method == "mc_dropout":
-            logits, _ = apply_backbone(
-                spec.backbone, state.params, images, train=True, dropout_key=key
-            )
-        elif method == "ensemble":
-            member = jax.tree_util.tree_map(
-                lambda leaf: jax.lax.dynamic_index_in_dim(
-                    leaf, index % spec.method.ensemble_size, keepdims=False
-                ),
-                state.params,
-            )
-            logits, _ = apply_backbone(spec.backbone, member, images, train=False)
-        else:
-            logits, _ = apply_backbone(spec.backbone, state.params, images, train=False)
+        logits = spec.strategy.sample_logits(
+            spec.backbone, state.params, state.guide, index, key, images
+        )
         return probabilities(logits.astype(jnp.float32), task)
 
     return sample
-
-
-def mean_weight_probabilities(spec: ModelSpec, state: TrainState, images: jax.Array) -> jax.Array:
-    """Prediction of the mean network (the paper code's evaluation: no uncertainty)."""
-    task = spec.objective.likelihood.task
-    if spec.method.method == "vi":
-        params = merge_params(state.params, state.guide.loc)
-    elif spec.method.method == "ensemble":
-        probs = jax.vmap(
-            lambda p: probabilities(apply_backbone(spec.backbone, p, images, train=False)[0], task)
-        )(state.params)
-        return jnp.mean(probs, axis=0)
-    else:
-        params = state.params
-    logits, _ = apply_backbone(spec.backbone, params, images, train=False)
-    return probabilities(logits.astype(jnp.float32), task)

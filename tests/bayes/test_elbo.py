@@ -28,8 +28,8 @@ from vi_seg_jax.bayes.guide import (
 )
 from vi_seg_jax.bayes.layers import apply_sampled
 from vi_seg_jax.bayes.priors import NormalPrior
+from vi_seg_jax.methods import MethodConfig
 from vi_seg_jax.train.state import (
-    MethodConfig,
     ModelSpec,
     TrainState,
     create_train_state,

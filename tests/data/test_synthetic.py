@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vi_seg_jax.data import synthetic
 from vi_seg_jax.data.conventions import LAYOUTS, MODALITIES
 from vi_seg_jax.data.synthetic import SyntheticConfig, generate_case, write_dataset
+from vi_seg_jax.data.synthetic import writing as synthetic
 from vi_seg_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from flax import traverse_util
 from experiments import train, train_prior
 from vi_seg_jax.checkpoint import checkpoint_manager, restore_checkpoint
 from vi_seg_jax.data.synthetic import write_dataset
-from vi_seg_jax.dwp.vae import load_vae
+from vi_seg_jax.dwp.vae_storage import load_vae
 from vi_seg_jax.predict import load_trained
 from vi_seg_jax.train.build import build_spec
 from vi_seg_jax.train.config import TrainConfig

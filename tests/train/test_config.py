@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
+from vi_seg_jax.methods import MethodConfig
 from vi_seg_jax.train.config import BackboneConfig, TrainConfig
-from vi_seg_jax.train.state import MethodConfig
 
 
 def test_mc_dropout_without_dropout_is_rejected():

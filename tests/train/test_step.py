@@ -13,8 +13,9 @@ from vi_seg_jax.data.conventions import MODALITIES
 from vi_seg_jax.data.preprocess import PreprocessConfig, preprocess
 from vi_seg_jax.data.sampler import PatchSampler
 from vi_seg_jax.data.synthetic import SyntheticConfig, generate_case
+from vi_seg_jax.methods import MethodConfig
 from vi_seg_jax.ops import ConvEngine
-from vi_seg_jax.train.state import MethodConfig, ModelSpec, OptimConfig, create_train_state
+from vi_seg_jax.train.state import ModelSpec, OptimConfig, create_train_state
 from vi_seg_jax.train.step import make_train_step
 
 TINY = {

@@ -362,3 +362,85 @@ class UpBlock(nn.Module):
         y = nn.Dropout(self.dropout_rate, name="dropout_2")(y, deterministic=not train)
         y = conv3(self.features, d, name="conv_2", dtype=self.dtype, conv=self.conv)(y)
         return y + u
+
+
+# --------------------------------------------------------------------------- backbone base
+
+
+class Backbone(nn.Module):
+    """What `UNet`, `VNet` and `FCN` share: their common attributes, the validation of those
+    at construction, the input-size check and the `(logits, aux)` call contract.
+
+    A backbone subclasses this and writes its layers in `_segment`, an `@nn.compact` method
+    that `__call__` runs after checking the input; submodule names (and so parameter paths)
+    are those given in `_segment`, with no prefix from this class.
+
+    Input-size rule: `x` is `[B, H, W, C]` (`spatial_dims=2`) or `[B, H, W, D, C]`
+    (`spatial_dims=3`), and every spatial size must be a multiple of `2**depth`
+    (`2**(len(features) - 1)`); otherwise `__call__` raises `ValueError`.
+
+    Attributes:
+      num_classes: output channels (logits).
+      spatial_dims: 2 or 3; kernels are `(3,) * spatial_dims`.
+      features: channels per resolution level, at least 2 entries.
+      upsample: `"transpose"` (a learned kernel-2 stride-2 transposed conv, written as a
+        1×1(×1) conv + depth-to-space) or `"resize"` (linear resize); see `upsample2x`.
+      dropout_rate: dropout rate (rng stream `"dropout"`, only when `train=True`; MC
+        dropout calls with `train=True`); where it applies is the subclass's to say.
+      dtype: computation dtype of the convolutions (None: inferred), e.g. `jnp.bfloat16`.
+      conv: how the 3D convolutions are computed, a `vi_seg_jax.ops.ConvEngine` (default
+        `"auto"`: each conv's formulation measured fastest on this machine).
+
+    Raises:
+      ValueError: at construction, for a bad attribute (the message names the class).
+    """
+
+    num_classes: int
+    spatial_dims: int = 3
+    features: Sequence[int] = (16, 32, 64, 128)
+    upsample: Upsample = "transpose"
+    dropout_rate: float = 0.0
+    dtype: Any = None
+    conv: ConvEngine = DEFAULT_CONV
+
+    def __post_init__(self) -> None:
+        features = check_hyperparameters(
+            type(self).__name__,
+            spatial_dims=self.spatial_dims,
+            features=self.features,
+            num_classes=self.num_classes,
+            dropout_rate=self.dropout_rate,
+            upsample=self.upsample,
+            min_levels=2,
+        )
+        object.__setattr__(self, "features", features)
+        super().__post_init__()
+
+    @property
+    def depth(self) -> int:
+        """Number of stride-2 stages; spatial sizes must be multiples of `2**depth`."""
+        return len(self.features) - 1
+
+    def __call__(
+        self, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Segments a batch.
+
+        Args:
+          x: `[B, H, W, C]` or `[B, H, W, D, C]`, spatial sizes multiples of `2**depth`.
+          train: enables dropout (needs a `"dropout"` rng when `dropout_rate > 0`).
+
+        Returns:
+          `(logits, aux)`: logits `[B, H, W, (D,) num_classes]`; aux `{"bottleneck":
+          [B, *(S / 2**depth), f_L], "pre_logits": ...}`, the features the classifier reads
+          (their shape: the subclass's `_segment`).
+
+        Raises:
+          ValueError: `x` breaks the input-size rule.
+        """
+        check_input(type(self).__name__, x, spatial_dims=self.spatial_dims, depth=self.depth)
+        return self._segment(x, train=train)
+
+    def _segment(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The layers, on an input already checked; an `@nn.compact` method in a subclass."""
+        raise NotImplementedError

@@ -3,28 +3,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import flax.linen as nn
 import jax
 
 from vi_seg_jax.backbones._blocks import (
-    DEFAULT_CONV,
+    Backbone,
     ResBlock,
-    Upsample,
-    check_hyperparameters,
-    check_input,
     conv1,
     conv3,
     instance_norm,
     replicate_init,
     upsample2x,
 )
-from vi_seg_jax.ops.conv3d import ConvEngine
 
 
-class FCN(nn.Module):
+class FCN(Backbone):
     """FCN with scores fused across scales, FCN-8s style (method.md §2).
 
     Layout for `features = (f_0, ..., f_L)` (depth `L = len(features) - 1`; default
@@ -50,65 +43,18 @@ class FCN(nn.Module):
     No 3×3(×3) conv has a bias; the score convs have one. There is no `head` module: the
     fused score map is the classifier output.
 
-    Input-size rule: `x` is `[B, H, W, C]` (`spatial_dims=2`) or `[B, H, W, D, C]`
-    (`spatial_dims=3`), and every spatial size must be a multiple of `2**depth`
-    (`2**(len(features) - 1)`, i.e. 8 by default); otherwise `__call__` raises `ValueError`.
+    Input-size rule: every spatial size a multiple of `2**depth`, 8 with the default
+    `features` (see `Backbone`).
 
-    Attributes:
-      num_classes: output channels (logits).
-      spatial_dims: 2 or 3.
-      features: channels per resolution level, at least 2 entries.
-      upsample: `"transpose"` or `"resize"`.
-      dropout_rate: dropout after each activation that feeds a 3×3 conv (rng stream
-        `"dropout"`, only when `train=True`).
-      dtype: computation dtype of the convolutions (None: inferred).
-      conv: how the 3D convolutions are computed, a `vi_seg_jax.ops.ConvEngine` (default
-        `"auto"`: each conv's formulation measured fastest on this machine).
+    Attributes: those of `Backbone`; `dropout_rate` applies after each activation that
+    feeds a 3×3 conv.
     """
 
-    num_classes: int
-    spatial_dims: int = 3
-    features: Sequence[int] = (16, 32, 64, 128)
-    upsample: Upsample = "transpose"
-    dropout_rate: float = 0.0
-    dtype: Any = None
-    conv: ConvEngine = DEFAULT_CONV
-
-    def __post_init__(self) -> None:
-        features = check_hyperparameters(
-            type(self).__name__,
-            spatial_dims=self.spatial_dims,
-            features=self.features,
-            num_classes=self.num_classes,
-            dropout_rate=self.dropout_rate,
-            upsample=self.upsample,
-            min_levels=2,
-        )
-        object.__setattr__(self, "features", features)
-        super().__post_init__()
-
-    @property
-    def depth(self) -> int:
-        """Number of stride-2 stages; spatial sizes must be multiples of `2**depth`."""
-        return len(self.features) - 1
-
     @nn.compact
-    def __call__(
-        self, x: jax.Array, *, train: bool = False
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Segments a batch.
-
-        Args:
-          x: `[B, H, W, C]` or `[B, H, W, D, C]`, spatial sizes multiples of `2**depth`.
-          train: enables dropout (needs a `"dropout"` rng when `dropout_rate > 0`).
-
-        Returns:
-          `(logits, aux)`: logits `[B, H, W, (D,) num_classes]`; aux `{"bottleneck":
-          [B, *(S / 2**depth), f_L], "pre_logits": [B, *(S / 2), num_classes]}` (the fused
-          score map at stride 2, before the last upsampling).
-        """
+    def _segment(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The layers; `aux["pre_logits"]` is the fused score map at stride 2 before the last
+        upsampling, `[B, *(S / 2), num_classes]`."""
         d, f, depth, k_cls = self.spatial_dims, self.features, self.depth, self.num_classes
-        check_input(type(self).__name__, x, spatial_dims=d, depth=depth)
         block = dict(
             spatial_dims=d, dropout_rate=self.dropout_rate, dtype=self.dtype, conv=self.conv
         )

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import flax.linen as nn
 import jax
 
-from vi_seg_jax.backbones._blocks import (
-    DEFAULT_CONV,
-    ResBlock,
-    UpBlock,
-    Upsample,
-    check_hyperparameters,
-    check_input,
-    conv1,
-    conv3,
-)
-from vi_seg_jax.ops.conv3d import ConvEngine
+from vi_seg_jax.backbones._blocks import Backbone, ResBlock, UpBlock, conv1, conv3
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """Residual pre-activation U-Net of the paper code (Kuzina et al. 2019; Sagar 2020).
 
     Layout for `features = (f_0, ..., f_L)` (depth `L = len(features) - 1`; the paper:
@@ -47,73 +34,27 @@ class UNet(nn.Module):
     (`short` only drops the bottleneck blocks, as the code's `shorten` flag did; the channels
     were passed separately there too).
 
-    Input-size rule: `x` is `[B, H, W, C]` (`spatial_dims=2`) or `[B, H, W, D, C]`
-    (`spatial_dims=3`), and every spatial size must be a multiple of `2**depth`
-    (`2**(len(features) - 1)`, i.e. 8 by default); otherwise `__call__` raises `ValueError`.
+    Input-size rule: every spatial size a multiple of `2**depth`, 8 with the default
+    `features` (see `Backbone`).
 
-    Attributes:
-      num_classes: output channels (logits).
-      spatial_dims: 2 or 3; kernels are `(3,) * spatial_dims`.
-      features: channels per resolution level, at least 2 entries.
+    Attributes (besides `Backbone`'s):
       short: drop the three bottleneck blocks.
-      upsample: `"transpose"` (default: a kernel-2 stride-2 transposed conv written as a 1×1
-        conv + depth-to-space) or `"resize"` (the paper's 1×1 conv + linear upsampling;
-        `jax.image.resize` uses half-pixel centres where the paper code used
-        `align_corners=True`). See `_blocks.upsample2x`. The default is the one measured
-        faster forward+backward by `benchmarks/upsampling.py` (2-core CPU): the upsampling
-        alone 1.2-1.6× faster; the whole U-Net step within noise (±2%), the upsampling
-        being ~1% of it. `"resize"` adds fewer parameters (1×1 convs of `c_in * c_out`
-        instead of `2**d * c_in * c_out`) and is the paper's choice.
-      dropout_rate: dropout after each activation that feeds a 3×3 conv (rng stream
-        `"dropout"`, only when `train=True`; MC dropout calls with `train=True`).
-      dtype: computation dtype of the convolutions (None: inferred), e.g. `jnp.bfloat16`.
-      conv: how the 3D convolutions are computed, a `vi_seg_jax.ops.ConvEngine` (default
-        `"auto"`: each conv's formulation measured fastest on this machine).
+      upsample: `"transpose"` (the default, a kernel-2 stride-2 transposed conv) or
+        `"resize"` (the paper's 1×1 conv + linear upsampling; `jax.image.resize` uses
+        half-pixel centres where the paper code used `align_corners=True`). The default is
+        the one measured faster forward+backward by `benchmarks/upsampling.py` (2-core CPU):
+        the upsampling alone 1.2-1.6× faster; the whole U-Net step within noise (±2%), the
+        upsampling being ~1% of it. `"resize"` adds fewer parameters (1×1 convs of
+        `c_in * c_out` instead of `2**d * c_in * c_out`) and is the paper's choice.
+      dropout_rate: dropout after each activation that feeds a 3×3 conv.
     """
 
-    num_classes: int
-    spatial_dims: int = 3
-    features: Sequence[int] = (16, 32, 64, 128)
     short: bool = False
-    upsample: Upsample = "transpose"
-    dropout_rate: float = 0.0
-    dtype: Any = None
-    conv: ConvEngine = DEFAULT_CONV
-
-    def __post_init__(self) -> None:
-        features = check_hyperparameters(
-            type(self).__name__,
-            spatial_dims=self.spatial_dims,
-            features=self.features,
-            num_classes=self.num_classes,
-            dropout_rate=self.dropout_rate,
-            upsample=self.upsample,
-            min_levels=2,
-        )
-        object.__setattr__(self, "features", features)
-        super().__post_init__()
-
-    @property
-    def depth(self) -> int:
-        """Number of stride-2 stages; spatial sizes must be multiples of `2**depth`."""
-        return len(self.features) - 1
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, *, train: bool = False
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Segments a batch.
-
-        Args:
-          x: `[B, H, W, C]` or `[B, H, W, D, C]`, spatial sizes multiples of `2**depth`.
-          train: enables dropout (needs a `"dropout"` rng when `dropout_rate > 0`).
-
-        Returns:
-          `(logits, aux)`: logits `[B, H, W, (D,) num_classes]`; aux `{"bottleneck":
-          [B, *(S / 2**depth), f_L], "pre_logits": [B, *S, f_0]}`.
-        """
+    def _segment(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The layers; `aux["pre_logits"]` is the last up block's output, `[B, *S, f_0]`."""
         d, f = self.spatial_dims, self.features
-        check_input(type(self).__name__, x, spatial_dims=d, depth=self.depth)
         block = dict(
             spatial_dims=d, dropout_rate=self.dropout_rate, dtype=self.dtype, conv=self.conv
         )

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 
 from vi_seg_jax.backbones._blocks import (
     DEFAULT_CONV,
+    Backbone,
     Upsample,
-    check_hyperparameters,
-    check_input,
     conv1,
     conv3,
     instance_norm,
@@ -105,7 +104,7 @@ class _Stage(nn.Module):
         return nn.PReLU(negative_slope_init=_PRELU_INIT, name="prelu_out")(out)
 
 
-class VNet(nn.Module):
+class VNet(Backbone):
     """V-Net (Milletari et al. 2016) with instance norm and 3×3(×3) kernels.
 
     Layout for `features = (f_0, ..., f_L)` (depth `L = len(features) - 1`; default
@@ -139,64 +138,19 @@ class VNet(nn.Module):
     de-convolution, written as an equivalent 1×1(×1) conv + depth-to-space) or `"resize"`
     (1×1(×1) conv + linear resize); see `_blocks.upsample2x`.
 
-    Input-size rule: `x` is `[B, H, W, C]` (`spatial_dims=2`) or `[B, H, W, D, C]`
-    (`spatial_dims=3`), and every spatial size must be a multiple of `2**depth`
-    (`2**(len(features) - 1)`, i.e. 16 by default); otherwise `__call__` raises `ValueError`.
+    Input-size rule: every spatial size a multiple of `2**depth`, 16 with the default
+    `features` (see `Backbone`).
 
-    Attributes:
-      num_classes: output channels (logits).
-      spatial_dims: 2 or 3.
-      features: channels per resolution level, at least 2 entries.
-      upsample: `"transpose"` or `"resize"`.
-      dropout_rate: dropout after every PReLU inside the stages (rng stream `"dropout"`,
-        only when `train=True`).
-      dtype: computation dtype of the convolutions (None: inferred).
-      conv: how the 3D convolutions are computed, a `vi_seg_jax.ops.ConvEngine` (default
-        `"auto"`: each conv's formulation measured fastest on this machine).
+    Attributes: those of `Backbone`, with five levels of `features` by default (the
+    paper's widths); `dropout_rate` applies after every PReLU inside the stages.
     """
 
-    num_classes: int
-    spatial_dims: int = 3
     features: Sequence[int] = (16, 32, 64, 128, 256)
-    upsample: Upsample = "transpose"
-    dropout_rate: float = 0.0
-    dtype: Any = None
-    conv: ConvEngine = DEFAULT_CONV
-
-    def __post_init__(self) -> None:
-        features = check_hyperparameters(
-            type(self).__name__,
-            spatial_dims=self.spatial_dims,
-            features=self.features,
-            num_classes=self.num_classes,
-            dropout_rate=self.dropout_rate,
-            upsample=self.upsample,
-            min_levels=2,
-        )
-        object.__setattr__(self, "features", features)
-        super().__post_init__()
-
-    @property
-    def depth(self) -> int:
-        """Number of stride-2 stages; spatial sizes must be multiples of `2**depth`."""
-        return len(self.features) - 1
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, *, train: bool = False
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Segments a batch.
-
-        Args:
-          x: `[B, H, W, C]` or `[B, H, W, D, C]`, spatial sizes multiples of `2**depth`.
-          train: enables dropout (needs a `"dropout"` rng when `dropout_rate > 0`).
-
-        Returns:
-          `(logits, aux)`: logits `[B, H, W, (D,) num_classes]`; aux `{"bottleneck":
-          [B, *(S / 2**depth), f_L], "pre_logits": [B, *S, 2 f_0]}`.
-        """
+    def _segment(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The layers; `aux["pre_logits"]` is the last up stage's output, `[B, *S, 2 f_0]`."""
         d, f, depth = self.spatial_dims, self.features, self.depth
-        check_input(type(self).__name__, x, spatial_dims=d, depth=depth)
         stage = dict(
             spatial_dims=d,
             upsample=self.upsample,

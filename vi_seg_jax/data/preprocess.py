@@ -275,6 +275,20 @@ def normalize(
     return out
 
 
+def _on_grid(array, spatial_shape: tuple[int, ...], grid: str) -> np.ndarray:
+    """`array` as a numpy array, checked to start with the `grid` grid's `spatial_shape`.
+
+    Raises:
+      ValueError: the leading dims of `array` are not `spatial_shape`.
+    """
+    array = np.asarray(array)
+    if array.shape[: len(spatial_shape)] != spatial_shape:
+        raise ValueError(
+            f"array shape {array.shape} does not start with the {grid} shape {spatial_shape}"
+        )
+    return array
+
+
 def to_preprocessed_grid(array: np.ndarray, mapping: GridMapping, *, fill=0) -> np.ndarray:
     """Applies the geometry alone (crop, then pad with `fill`); no normalisation.
 
@@ -287,13 +301,8 @@ def to_preprocessed_grid(array: np.ndarray, mapping: GridMapping, *, fill=0) -> 
     Returns:
       `[*S', ...]` with `S' = mapping.preprocessed_shape`, same dtype.
     """
-    array = np.asarray(array)
+    array = _on_grid(array, mapping.original_shape, "original")
     rank = mapping.spatial_dims
-    if array.shape[:rank] != mapping.original_shape:
-        raise ValueError(
-            f"array shape {array.shape} does not start with the original shape "
-            f"{mapping.original_shape}"
-        )
     crop = tuple(slice(a, b) for a, b in zip(mapping.crop_start, mapping.crop_stop, strict=True))
     pad = list(zip(mapping.pad_before, mapping.pad_after, strict=True))
     pad += [(0, 0)] * (array.ndim - rank)
@@ -315,13 +324,8 @@ def to_original_grid(array: np.ndarray, mapping: GridMapping, *, fill=0) -> np.n
     Returns:
       `[*S, ...]` with `S = mapping.original_shape`, same dtype.
     """
-    array = np.asarray(array)
+    array = _on_grid(array, mapping.preprocessed_shape, "preprocessed")
     rank = mapping.spatial_dims
-    if array.shape[:rank] != mapping.preprocessed_shape:
-        raise ValueError(
-            f"array shape {array.shape} does not start with the preprocessed shape "
-            f"{mapping.preprocessed_shape}"
-        )
     unpad = tuple(
         slice(before, before + size)
         for before, size in zip(mapping.pad_before, mapping.cropped_shape, strict=True)

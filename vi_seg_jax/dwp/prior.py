@@ -48,10 +48,10 @@ from vi_seg_jax.dwp.vae import (
     decoder_neg_log_prob,
     encode,
     encoder_params,
-    load_vae,
-    save_vae,
+    sample_kernels,
     with_encoder,
 )
+from vi_seg_jax.dwp.vae_storage import load_vae, save_vae
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.io.folders import replace_folder
 
@@ -288,8 +288,6 @@ def init_locations_from_prior(
     key: jax.Array, guide: GuideParams, prior: DeepWeightPrior
 ) -> GuideParams:
     """Posterior means drawn from the VAEs (DWP initialisation); other kernels unchanged."""
-    from vi_seg_jax.dwp.vae import sample_kernels
-
     loc = traverse_util.flatten_dict(dict(guide.loc))
     keys = jax.random.split(key, len(prior.groups))
     for group_key, (name, paths) in zip(keys, sorted(prior.groups.items()), strict=True):

@@ -1,4 +1,4 @@
-"""The kernel VAE of the deep weight prior (Atanov et al. 2019).
+"""The kernel VAE of the deep weight prior (Atanov et al. 2019): the model.
 
 Every k×k(×k) slice w of a convolution kernel (one per output/input channel pair),
 flattened to D = k^d numbers, gets the prior p(w) = ∫ p_φ(w|z) N(z; 0, I) dz. The VAE
@@ -15,49 +15,27 @@ wild initial step (σ → ∞) makes the likelihood blow up, while gradients nev
 
 The functions here are pure and take the Flax params explicitly; they are jitted with the
 config static (a frozen, hashable dataclass), so they are cheap to call eagerly and nest
-in other jitted code (the prior term's). `train_vae` fits the VAE on an [N, D] array of
-kernels and reports the held-out ELBO against an N(0, σ²) baseline,
-and `save_vae`/`load_vae` keep it on disk (Orbax arrays plus a JSON config, no pickle).
+in other jitted code (the prior term's). Fitting the VAE to kernels is
+`vae_training.train_vae`; keeping it on disk is `vae_storage.save_vae`/`load_vae`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro.distributions as dist
-import optax
-import orbax.checkpoint as ocp
-from flax import traverse_util
 from numpyro.distributions.kl import kl_divergence
-from tqdm.auto import tqdm
-
-from vi_seg_jax.errors import DataError
-from vi_seg_jax.io.folders import replace_folder
 
 LOG_VAR_MIN = -12.0
 LOG_VAR_MAX = 4.0
 ENCODER_CHANNELS = 32
 ENCODER_CONV_SIZE = 3
 ENCODER_MODULES = ("enc_conv", "enc_hidden", "enc_out")  # `KernelVAE`'s r_ψ(z|w)
-EVAL_SAMPLES = 8  # z samples averaged in the reported −ELBO estimates
-EVAL_CHUNK = 4096  # kernels per evaluation call; one fixed shape, so one compilation
-LOG_EVERY_STEPS = 100
-
-CONFIG_FILE = "config.json"
-PARAMS_DIR = "params"
-FORMAT_NAME = "vi_seg_jax.dwp.kernel_vae"
-FORMAT_VERSION = 1
 
 Params = dict[str, Any]
 
@@ -196,7 +174,8 @@ def _gaussian_neg_log_prob(w: jax.Array, mu: jax.Array, log_var: jax.Array) -> j
     return -jnp.sum(dist.Normal(mu, jnp.exp(0.5 * log_var)).log_prob(w), axis=-1)
 
 
-def _as_kernels(w, config: VAEConfig) -> jax.Array:
+def as_kernels(w, config: VAEConfig) -> jax.Array:
+    """`w` as float32 [n, D]; raises ValueError naming the expected shape otherwise."""
     w = jnp.asarray(w, jnp.float32)
     if w.ndim != 2 or w.shape[1] != config.kernel_dim:
         raise ValueError(
@@ -232,7 +211,7 @@ def _init_fn(config: VAEConfig):
 @functools.partial(jax.jit, static_argnames=("config",))
 def encode(params: Params, config: VAEConfig, w) -> tuple[jax.Array, jax.Array]:
     """w [n, D] → (μ_z, log σ²_z), each [n, L]."""
-    w = _as_kernels(w, config)
+    w = as_kernels(w, config)
     return KernelVAE(config).apply({"params": params}, w, method=KernelVAE.encode)
 
 
@@ -256,7 +235,7 @@ def with_encoder(params: Params, encoder: Params) -> Params:
 @functools.partial(jax.jit, static_argnames=("config",))
 def decoder_neg_log_prob(params: Params, config: VAEConfig, w, z) -> jax.Array:
     """−log p_φ(w|z) per kernel, [n] (w [n, D], z [n, L])."""
-    w = _as_kernels(w, config)
+    w = as_kernels(w, config)
     mu, log_var = decode(params, config, z)
     return _gaussian_neg_log_prob(w, mu, log_var)
 
@@ -264,7 +243,7 @@ def decoder_neg_log_prob(params: Params, config: VAEConfig, w, z) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("config",))
 def elbo_terms(params: Params, config: VAEConfig, w, key: jax.Array) -> ELBOTerms:
     """The ELBO's pieces per kernel with one reparameterised z sample (see `KernelVAE`)."""
-    w = _as_kernels(w, config)
+    w = as_kernels(w, config)
     return KernelVAE(config).apply({"params": params}, w, key)
 
 
@@ -287,255 +266,3 @@ def sample_kernels(
     if mean_only:
         return mu
     return mu + jnp.exp(0.5 * log_var) * jax.random.normal(w_key, mu.shape, mu.dtype)
-
-
-# --- training ---------------------------------------------------------------------------
-
-
-def split_kernels(
-    kernels: np.ndarray, holdout_fraction: float, key: jax.Array
-) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split into (train, held-out); both non-empty."""
-    n = kernels.shape[0]
-    n_heldout = max(1, round(holdout_fraction * n))
-    if n - n_heldout < 1:
-        raise ValueError(f"{n} kernels are too few to hold out {holdout_fraction:.0%}")
-    order = np.asarray(jax.random.permutation(key, n))
-    return kernels[order[n_heldout:]], kernels[order[:n_heldout]]
-
-
-def normal_neg_log_lik(kernels: np.ndarray, variance: float) -> np.ndarray:
-    """−log N(w; 0, σ²I) per kernel (float64, NumPy)."""
-    w = np.asarray(kernels, np.float64)
-    dim = w.shape[1]
-    return 0.5 * np.sum(w**2, axis=1) / variance + 0.5 * dim * math.log(2 * math.pi * variance)
-
-
-def beta_at(step: jax.Array, warmup_steps: int) -> jax.Array:
-    """KL weight at `step` (0-based): linear 0 → 1 over `warmup_steps`, then 1."""
-    if warmup_steps == 0:
-        return jnp.ones((), jnp.float32)
-    return jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
-
-
-def _make_train_step(config: VAEConfig, optimizer: optax.GradientTransformation):
-    """Jitted (params, opt_state, train_kernels, key, step) → (params, opt_state, loss).
-
-    The minibatch indices and the z noise come from `fold_in(key, step)`, so step s always
-    sees the same batch and noise whatever ran before it.
-    """
-
-    def loss_fn(params, batch, key, beta):
-        return jnp.mean(negative_elbo(params, config, batch, key, beta))
-
-    @jax.jit
-    def step_fn(params, opt_state, train, key, step):
-        batch_key, noise_key = jax.random.split(jax.random.fold_in(key, step))
-        index = jax.random.randint(batch_key, (config.batch_size,), 0, train.shape[0])
-        beta = beta_at(step, config.beta_warmup_steps)
-        loss, grads = jax.value_and_grad(loss_fn)(params, train[index], noise_key, beta)
-        # optax's Adam bias correction raises a float to an int32 step count, which the
-        # strict dtype promotion some callers run under refuses.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step_fn
-
-
-def _make_evaluator(config: VAEConfig):
-    """Mean −ELBO (β = 1) over `EVAL_SAMPLES` z samples, per kernel, for any [N, D] array."""
-
-    @jax.jit
-    def chunk_fn(params, chunk, key):
-        keys = jax.random.split(key, EVAL_SAMPLES)
-        per_sample = jax.vmap(lambda k: negative_elbo(params, config, chunk, k))(keys)
-        return jnp.mean(per_sample, axis=0)
-
-    def evaluate(params, kernels: np.ndarray, key: jax.Array) -> np.ndarray:
-        values = []
-        for i, start in enumerate(range(0, kernels.shape[0], EVAL_CHUNK)):
-            chunk = kernels[start : start + EVAL_CHUNK]
-            # Pad to the one chunk shape so that every call reuses one compilation.
-            padded = np.zeros((EVAL_CHUNK, kernels.shape[1]), np.float32)
-            padded[: chunk.shape[0]] = chunk
-            out = chunk_fn(params, jnp.asarray(padded), jax.random.fold_in(key, i))
-            values.append(np.asarray(out)[: chunk.shape[0]])
-        return np.concatenate(values)
-
-    return evaluate
-
-
-def train_vae(
-    kernels: np.ndarray, config: VAEConfig, key: jax.Array, *, progress: bool = True
-) -> tuple[Params, dict[str, Any]]:
-    """Fits the VAE to kernels [N, D]; returns (params, report).
-
-    The kernels are split (seeded by `key`) into train and held-out sets by
-    `config.holdout_fraction`. Report (floats in nats per kernel, means over kernels):
-      train_kernels, heldout_kernels: the two set sizes (train without the early-stopping
-        validation share, `validation_kernels`);
-      heldout_neg_elbo: −ELBO on the held-out kernels, averaged over 8 z samples;
-      heldout_normal_neg_log_lik: −log N(w; 0, σ²I) on them, σ² fitted by maximum
-        likelihood on the training kernels — the baseline the VAE must beat;
-      normal_variance: that σ²;
-      final_train_neg_elbo: −ELBO (β = 1, 8 z samples) on the training kernels at the end;
-      best_step: the step whose parameters are returned (early stopping, see VAEConfig).
-    """
-    kernels = np.asarray(kernels, np.float32)
-    _as_kernels(kernels[:1], config)  # shape check
-    if not np.all(np.isfinite(kernels)):
-        raise ValueError("kernels contain non-finite values")
-    split_key, init_key, train_key, eval_key = jax.random.split(key, 4)
-    train, heldout = split_kernels(kernels, config.holdout_fraction, split_key)
-
-    evaluate = _make_evaluator(config)
-    validation = None
-    if config.validate_every and train.shape[0] >= 20:
-        fit_key, validation_key = jax.random.split(jax.random.fold_in(split_key, 1))
-        train, validation = split_kernels(train, config.holdout_fraction, fit_key)
-    params = init_vae(init_key, config)
-    best_params, best_value, best_step = params, math.inf, config.steps
-    optimizer = optax.adam(config.learning_rate)
-    opt_state = optimizer.init(params)
-    step_fn = _make_train_step(config, optimizer)
-    train_device = jnp.asarray(train)
-    bar = tqdm(
-        total=config.steps, desc="kernel VAE", unit="step", disable=None if progress else True
-    )
-    with bar:
-        for step in range(config.steps):
-            params, opt_state, loss = step_fn(
-                params, opt_state, train_device, train_key, jnp.asarray(step, jnp.int32)
-            )
-            done = step + 1
-            if done % LOG_EVERY_STEPS == 0 or done == config.steps:
-                value = float(loss)  # syncs only every LOG_EVERY_STEPS steps
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"kernel VAE loss became {value} at step {done}; lower the learning "
-                        "rate or lengthen beta_warmup_steps"
-                    )
-                bar.set_postfix(neg_elbo=f"{value:.4g}")
-                bar.update(done - bar.n)
-            checkpoint = done % config.validate_every == 0 if config.validate_every else False
-            if validation is not None and (checkpoint or done == config.steps):
-                if done >= config.beta_warmup_steps:  # β = 1: the ELBO proper
-                    value = float(np.mean(evaluate(params, validation, validation_key)))
-                    if value < best_value:
-                        best_params, best_value, best_step = params, value, done
-    if validation is not None and math.isfinite(best_value):
-        params = best_params
-    else:
-        best_step = config.steps
-
-    heldout_key, train_eval_key = jax.random.split(eval_key)
-    variance = float(np.mean(np.square(train, dtype=np.float64)))
-    report = {
-        "train_kernels": int(train.shape[0]),
-        "heldout_kernels": int(heldout.shape[0]),
-        "heldout_neg_elbo": float(np.mean(evaluate(params, heldout, heldout_key))),
-        "heldout_normal_neg_log_lik": float(np.mean(normal_neg_log_lik(heldout, variance))),
-        "normal_variance": variance,
-        "final_train_neg_elbo": float(np.mean(evaluate(params, train, train_eval_key))),
-        "best_step": best_step,
-        "validation_kernels": 0 if validation is None else int(validation.shape[0]),
-    }
-    return params, report
-
-
-# --- storage ----------------------------------------------------------------------------
-
-
-def save_vae(directory: str | Path, params: Params, config: VAEConfig) -> None:
-    """Writes `directory/params/` (Orbax, arrays and JSON metadata) and
-    `directory/config.json`, replacing any VAE already there.
-
-    Everything is written into a temporary sibling directory first and renamed into place,
-    so a crash leaves either the old VAE or the new one, never a half-written one.
-    """
-    directory = Path(directory).absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / PARAMS_DIR, params)
-            checkpointer.wait_until_finished()
-        document = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config.to_dict()}
-        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        replace_folder(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_vae(directory: str | Path) -> tuple[Params, VAEConfig]:
-    """Reads a VAE written by `save_vae`; raises DataError naming what is missing or wrong."""
-    directory = Path(directory).absolute()
-    if not directory.is_dir():
-        raise DataError(directory, "no kernel VAE here (not a directory)")
-    config = _read_config(directory / CONFIG_FILE)
-    params_path = directory / PARAMS_DIR
-    if not params_path.is_dir():
-        raise DataError(params_path, "kernel VAE parameters missing")
-    like = jax.eval_shape(_init_fn(config), jax.random.key(0))
-    expected = _shapes(like)
-    with ocp.StandardCheckpointer() as checkpointer:
-        try:
-            stored = _shapes(checkpointer.metadata(params_path).item_metadata.tree)
-        except Exception as error:  # Orbax raises many types; all mean an unreadable VAE
-            raise DataError(
-                params_path, f"unreadable kernel VAE parameters: {_one_line(error)}"
-            ) from error
-        # Compared before restoring: a restore that fails midway leaves Orbax coroutines
-        # never awaited, and the arrays' shapes say all that is wrong anyway.
-        if stored != expected:
-            differing = sorted(set(stored.items()) ^ set(expected.items()))
-            raise DataError(
-                params_path,
-                f"kernel VAE parameters do not match {CONFIG_FILE} "
-                f"(first difference: {differing[0][0]})",
-            )
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-        try:
-            params = checkpointer.restore(params_path, abstract)
-        except Exception as error:
-            raise DataError(
-                params_path, f"unreadable kernel VAE parameters: {_one_line(error)}"
-            ) from error
-    return params, config
-
-
-def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-    """'/'-joined path → (shape, dtype name) of every array (or array metadata) leaf."""
-    flat = traverse_util.flatten_dict(tree, sep="/")
-    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in flat.items()}
-
-
-def _one_line(error: Exception) -> str:
-    # DataError messages are one line; Orbax's can run to several.
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _read_config(path: Path) -> VAEConfig:
-    if not path.is_file():
-        raise DataError(path, "kernel VAE config missing")
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(path, f"unreadable kernel VAE config: {error}") from error
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise DataError(path, f"not a kernel VAE config (expected format {FORMAT_NAME!r})")
-    if document.get("version") != FORMAT_VERSION:
-        raise DataError(
-            path,
-            f"kernel VAE format version {document.get('version')!r}, expected {FORMAT_VERSION}",
-        )
-    values = document.get("config")
-    try:
-        if not isinstance(values, dict):
-            raise TypeError("'config' is not an object")
-        return VAEConfig(**values)
-    except (TypeError, ValueError) as error:
-        raise DataError(path, f"invalid kernel VAE config: {error}") from error

@@ -1,8 +1,8 @@
 """Training: immutable state, optimiser, the jitted step, and the whole training loop."""
 
+from vi_seg_jax.methods import MethodConfig
 from vi_seg_jax.train.config import BackboneConfig, DataConfig, ScheduleConfig, TrainConfig
 from vi_seg_jax.train.state import (
-    MethodConfig,
     ModelSpec,
     OptimConfig,
     TrainState,

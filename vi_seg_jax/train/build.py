@@ -13,6 +13,7 @@ from vi_seg_jax.bayes.elbo import ObjectiveConfig
 from vi_seg_jax.bayes.guide import bayesian_paths
 from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.data.preprocess import PreprocessConfig
+from vi_seg_jax.methods import resolve_method
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.state import ModelSpec
 
@@ -43,7 +44,7 @@ def build_spec(config: TrainConfig, num_data: float, *, with_prior: bool = True)
 def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):
     from vi_seg_jax.dwp.prior import load_prior
 
-    if config.method.method != "vi":
+    if not resolve_method(config.method).has_guide:
         raise ValueError("the deep weight prior needs --method vi")
     if not config.prior_dir:
         raise ValueError("--prior dwp needs --prior-dir (built by experiments.train_prior)")

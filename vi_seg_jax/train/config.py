@@ -9,8 +9,9 @@ from typing import Any, Literal
 from vi_seg_jax.bayes.elbo import LikelihoodConfig
 from vi_seg_jax.bayes.guide import GuideConfig
 from vi_seg_jax.data.conventions import MODALITIES
+from vi_seg_jax.methods import MethodConfig, resolve_method
 from vi_seg_jax.ops.conv3d import ConvEngine
-from vi_seg_jax.train.state import MethodConfig, OptimConfig
+from vi_seg_jax.train.state import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +128,7 @@ class TrainConfig:
     preset: str = "custom"
 
     def __post_init__(self):
-        if self.method.method == "mc_dropout" and self.backbone.dropout_rate <= 0:
-            # Without dropout every Monte Carlo sample is the same network: zero epistemic
-            # uncertainty that looks like a confident model.
-            raise ValueError(
-                "method mc_dropout needs backbone.dropout_rate > 0 (the command line uses 0.1)"
-            )
+        resolve_method(self.method).check(self.backbone.dropout_rate)
 
     def optim(self) -> OptimConfig:
         return OptimConfig(

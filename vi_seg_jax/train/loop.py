@@ -47,6 +47,8 @@ from vi_seg_jax.data.discovery import discover_cases
 from vi_seg_jax.data.sampler import PatchSampler
 from vi_seg_jax.data.splits import make_splits
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.io.folders import write_json_atomic
+from vi_seg_jax.methods import Deterministic
 from vi_seg_jax.metrics import dice, iou
 from vi_seg_jax.parallel import data_mesh, global_batch, is_primary, process_rows, replicated
 from vi_seg_jax.plots import uncertainty_figure
@@ -77,7 +79,7 @@ class _Progress:
 def _init_from_run(state: TrainState, config: TrainConfig) -> TrainState:
     """Weights of a trained deterministic run (source pretraining), same architecture."""
     source = load_trained(config.init_from)
-    if source.config.method.method != "deterministic":
+    if not isinstance(source.spec.strategy, Deterministic):
         raise DataError(Path(config.init_from), "--init-from needs a deterministic run")
     same = (source.config.backbone, source.config.likelihood.task) == (
         config.backbone,
@@ -173,8 +175,8 @@ def train_and_evaluate(
     dataset, splits, train_cases, validation_cases = load_data(config, progress=progress)
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_json(workdir / "config.json", config.to_dict())
-        _write_json(
+        write_json_atomic(workdir / "config.json", config.to_dict())
+        write_json_atomic(
             workdir / "splits.json",
             {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()},
         )
@@ -297,8 +299,10 @@ def train_and_evaluate(
             summary[f"val_{name}"] = calibration[name]
         figure_maps = predict(state, 0)  # every process takes part in the computation
         if primary:
-            _write_json(workdir / CALIBRATION_FILE, {"step": int(best_state.step), **calibration})
-            _write_json(workdir / "summary.json", summary)
+            write_json_atomic(
+                workdir / CALIBRATION_FILE, {"step": int(best_state.step), **calibration}
+            )
+            write_json_atomic(workdir / "summary.json", summary)
             figure = workdir / "validation.png"
             _figure(figure, figure_maps, validation_cases[0], config, samples)
             log.image(int(state.step), "validation", figure)
@@ -357,11 +361,7 @@ def _validator(
     dims = config.backbone.spatial_dims
     # Pad every validation volume to one shape so the predictive compiles once.
     shape = tuple(np.max([c.image.shape[:3] for c in cases], axis=0))
-    method = config.method
-    samples = (
-        method.ensemble_size if method.method == "ensemble" else config.schedule.validation_samples
-    )
-    samples = 1 if method.method == "deterministic" else samples
+    samples = spec.strategy.default_samples(config.schedule.validation_samples)
 
     @jax.jit
     def predict_batch(state: TrainState, images: jax.Array, key: jax.Array) -> Predictive:
@@ -414,9 +414,3 @@ def _figure(path: Path, out: Predictive, case: PreparedCase, config: TrainConfig
         epistemic=out.epistemic[..., channel],
         title=f"{case.case_id}: {config.backbone.name}, {config.method.method}, {samples} samples",
     )
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)

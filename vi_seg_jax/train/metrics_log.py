@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vi_seg_jax.io.folders import write_text_atomic
+
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -126,6 +128,4 @@ def _truncate(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [record for record in read_records(path) if record["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))

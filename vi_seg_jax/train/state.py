@@ -12,18 +12,10 @@ import optax
 from flax import struct
 
 from vi_seg_jax.bayes.elbo import ObjectiveConfig
-from vi_seg_jax.bayes.guide import (
-    GuideConfig,
-    GuideParams,
-    bayesian_paths,
-    init_guide,
-    split_params,
-)
+from vi_seg_jax.bayes.guide import GuideParams
 from vi_seg_jax.bayes.priors import NormalPrior, Prior
+from vi_seg_jax.methods import Method, MethodConfig, resolve_method
 from vi_seg_jax.ops.conv3d import ConvEngine
-
-Method = Literal["vi", "deterministic", "mc_dropout", "ensemble"]
-METHODS: tuple[str, ...] = ("vi", "deterministic", "mc_dropout", "ensemble")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,41 +74,6 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodConfig:
-    """Which way the weights are treated.
-
-    Attributes:
-      method: `vi` (mean-field Gaussian posterior over the 3×3(×3) kernels),
-        `deterministic` (MAP: L2 penalty = N(0, prior_scale²) prior on the same kernels),
-        `mc_dropout` (the deterministic network with dropout kept on at prediction) or
-        `ensemble` (`ensemble_size` deterministic members trained in one vmapped step).
-      estimator: `lrt` (local reparameterisation, training default) or `full` (one
-        weight draw per particle).
-      num_particles: Monte Carlo samples of the data term per step (vmapped).
-      prior_scale: σ of the N(0, σ²) prior (and of the MAP L2 penalty).
-      guide: initialisation of q(w).
-      ensemble_size: members of the deep ensemble.
-    """
-
-    method: Method = "vi"
-    estimator: Literal["lrt", "full"] = "lrt"
-    num_particles: int = 1
-    prior_scale: float = 1.0
-    guide: GuideConfig = GuideConfig()
-    ensemble_size: int = 5
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.estimator not in ("lrt", "full"):
-            raise ValueError(f"estimator must be 'lrt' or 'full', got {self.estimator!r}")
-        if self.num_particles < 1:
-            raise ValueError(f"num_particles must be >= 1, got {self.num_particles}")
-        if self.ensemble_size < 1:
-            raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Everything static about a training run: hashable, closed over by `jax.jit`."""
 
@@ -134,6 +91,11 @@ class ModelSpec:
     @property
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer(self.optim)
+
+    @functools.cached_property
+    def strategy(self) -> Method:
+        """The `Method` that `method` names: what differs between methods is asked of it."""
+        return resolve_method(self.method)
 
     def for_batched_kernels(self) -> ModelSpec:
         """This spec for a function that vmaps over per-sample kernels (particles, ensemble
@@ -173,22 +135,13 @@ def create_train_state(
 
 def _initial_state(key: jax.Array, sample_images: jax.Array, *, spec: ModelSpec) -> TrainState:
     init_key, guide_key, state_key = jax.random.split(key, 3)
-    method = spec.method
 
     def init_params(k):
         return spec.backbone.init({"params": k}, sample_images, train=False)["params"]
 
-    guide, prior_params = None, None
-    if method.method == "ensemble":
-        params = jax.vmap(init_params)(jax.random.split(init_key, method.ensemble_size))
-        opt_state = jax.vmap(lambda p: spec.optimizer.init(trainable_tree(p, None, None)))(params)
-    else:
-        params = init_params(init_key)
-        if method.method == "vi":
-            kernels, params = split_params(params, bayesian_paths(params))
-            guide = init_guide(guide_key, kernels, method.guide)
-            prior_params = spec.prior.init_params()
-        opt_state = spec.optimizer.init(trainable_tree(params, guide, prior_params))
+    params, guide, prior_params = spec.strategy.init(init_key, guide_key, init_params, spec.prior)
+    trainable = trainable_tree(params, guide, prior_params)
+    opt_state = spec.strategy.init_optimizer(spec.optimizer, trainable)
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,

@@ -17,9 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from vi_seg_jax.bayes.elbo import hard_dice, kl_scale, scaled_data_term
-from vi_seg_jax.bayes.guide import bayesian_paths, sample_kernels, split_params
-from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled
+from vi_seg_jax.bayes.elbo import hard_dice, scaled_data_term
 from vi_seg_jax.parallel import batch_sharded, replicated
 from vi_seg_jax.train.state import ModelSpec, TrainState, trainable_tree
 
@@ -40,26 +38,15 @@ def _particle_data_terms(trainable, images, labels, weights, key, spec: ModelSpe
 
     def one(particle_key):
         noise_key, dropout_key = jax.random.split(particle_key)
-        if guide is None:
-            logits, _ = apply_backbone(
-                spec.backbone, params, images, train=True, dropout_key=dropout_key
-            )
-        elif spec.method.estimator == "lrt":
-            logits, _ = apply_lrt(
-                spec.backbone,
-                params,
-                _compute_dtype(guide, spec),
-                images,
-                key=noise_key,
-                train=True,
-                dropout_key=dropout_key,
-            )
-        else:
-            kernels = _compute_dtype(sample_kernels(noise_key, guide), spec)
-            logits, _ = apply_sampled(
-                spec.backbone, params, kernels, images, train=True, dropout_key=dropout_key
-            )
-        logits = logits.astype(jnp.float32)
+        logits = spec.strategy.training_logits(
+            spec.backbone,
+            params,
+            guide,
+            images,
+            noise_key,
+            dropout_key,
+            lambda tree: _compute_dtype(tree, spec),
+        ).astype(jnp.float32)
         return scaled_data_term(logits, labels, spec.objective, weights), logits
 
     data, logits = jax.vmap(one)(jax.random.split(key, spec.method.num_particles))
@@ -74,13 +61,7 @@ def loss_fn(trainable, images, labels, key, step, spec: ModelSpec, weights=None)
     data_key, kl_key = jax.random.split(key)
     data, logits = _particle_data_terms(trainable, images, labels, weights, data_key, spec)
     data = jnp.mean(data)
-    if trainable["guide"] is not None:
-        kl = spec.prior.kl(trainable["guide"], kl_key, trainable["prior"])
-        beta = kl_scale(step, spec.objective)
-    else:
-        kernels, _ = split_params(trainable["params"], bayesian_paths(trainable["params"]))
-        kl = spec.prior.neg_log_prob(kernels)  # MAP: −log p(w), the L2 penalty
-        beta = jnp.ones((), jnp.float32)
+    kl, beta = spec.strategy.regulariser(spec.prior, trainable, kl_key, step, spec.objective)
     loss = data + beta * kl
     metrics = {
         "loss": loss,
@@ -115,28 +96,17 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
       The next state and scalar metrics: loss, data, kl, kl_weight, dice, grad_norm.
     """
     next_key, step_key = jax.random.split(state.key)
-    if spec.method.method == "ensemble":
-        member_keys = jax.random.split(step_key, spec.method.ensemble_size)
 
-        def member(params, opt_state, key):
-            updated, opt_state, metrics = _update(
-                trainable_tree(params, None, None), opt_state, batch, key, state.step, spec
-            )
-            return updated["params"], opt_state, metrics
+    def update(trainable, opt_state, key):
+        return _update(trainable, opt_state, batch, key, state.step, spec)
 
-        params, opt_state, metrics = jax.vmap(member)(state.params, state.opt_state, member_keys)
-        metrics = jax.tree_util.tree_map(jnp.mean, metrics)
-        guide, prior_params = None, None
-    else:
-        updated, opt_state, metrics = _update(
-            trainable_tree(state.params, state.guide, state.prior_params),
-            state.opt_state,
-            batch,
-            step_key,
-            state.step,
-            spec,
-        )
-        params, guide, prior_params = updated["params"], updated["guide"], updated["prior"]
+    updated, opt_state, metrics = spec.strategy.over_members(
+        update,
+        trainable_tree(state.params, state.guide, state.prior_params),
+        state.opt_state,
+        step_key,
+    )
+    params, guide, prior_params = updated["params"], updated["guide"], updated["prior"]
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -148,15 +118,6 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
     return new_state, metrics
 
 
-def _vmaps_kernels(spec: ModelSpec) -> bool:
-    """Whether the step vmaps over per-particle or per-member kernels."""
-    return spec.method.method == "ensemble" or (
-        spec.method.method == "vi"
-        and spec.method.estimator == "full"
-        and spec.method.num_particles > 1
-    )
-
-
 def make_train_step(spec: ModelSpec, mesh: Mesh | None = None):
     """`train_step` for `spec`, jitted, with the incoming state's buffers donated.
 
@@ -164,7 +125,7 @@ def make_train_step(spec: ModelSpec, mesh: Mesh | None = None):
     replicated; XLA inserts the gradient all-reduce.
     """
 
-    if _vmaps_kernels(spec):
+    if spec.strategy.vmaps_training_kernels():
         spec = spec.for_batched_kernels()
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
