@@ -21,6 +21,7 @@ from experiments.configs import PRESETS, get_config, with_overrides
 from vi_seg_jax.backbones import BACKBONES
 from vi_seg_jax.methods import METHODS
 from vi_seg_jax.parallel import data_mesh, initialize_distributed
+from vi_seg_jax.task import TASKS
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.loop import TrainingError, train_and_evaluate
 from vi_seg_jax.train.metrics_log import TENSORBOARD_DIR
@@ -43,7 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     add("--workdir", help="output folder (default: runs/<backbone>-<method>-<preset>-seed<seed>)")
     add(
         "--task",
-        choices=("wt", "regions"),
+        choices=tuple(TASKS),
         help="wt: whole tumour vs rest (the paper); regions: WT/TC/ET sigmoids",
     )
     add(

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.optimize
 
-from vi_seg_jax.data.conventions import REGION_NAMES, regions_from_classes
 from vi_seg_jax.metrics import expected_calibration_error
+from vi_seg_jax.task import get_task
 
 CALIBRATION_FILE = "calibration.json"
 _EPS = 1e-7
@@ -28,19 +28,17 @@ MAX_FIT_VOXELS = 2_000_000
 
 
 def region_names(task: str) -> tuple[str, ...]:
-    return ("wt",) if task == "wt" else REGION_NAMES
+    return get_task(task).regions
 
 
 def region_probabilities(mean: np.ndarray, task: str) -> np.ndarray:
     """Predictive mean [..., K] -> per-region probabilities [..., R]."""
-    mean = np.asarray(mean, np.float32)
-    return mean[..., 1:2] if task == "wt" else mean
+    return get_task(task).region_probabilities(np.asarray(mean, np.float32))
 
 
 def region_truth(classes: np.ndarray, task: str) -> np.ndarray:
     """Canonical classes [...] -> per-region truth [..., R] (bool)."""
-    regions = regions_from_classes(classes)
-    return regions[..., :1] if task == "wt" else regions
+    return get_task(task).region_truth(classes)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

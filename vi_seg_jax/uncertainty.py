@@ -44,8 +44,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from vi_seg_jax.bayes.elbo import Task, probabilities
+from vi_seg_jax.bayes.elbo import TaskName, probabilities
 from vi_seg_jax.parallel import DATA_AXIS
+from vi_seg_jax.task import get_task
 from vi_seg_jax.train.state import ModelSpec, TrainState
 
 _TINY = 1e-12
@@ -75,15 +76,12 @@ class Predictive(NamedTuple):
     mutual_information: jax.Array  # H − E[H] ≥ 0  [B, *S]
 
 
-def entropy(probs: jax.Array, task: Task) -> jax.Array:
+def entropy(probs: jax.Array, task: TaskName) -> jax.Array:
     """Entropy in nats over the class axis (wt) or summed over independent regions."""
-    if task == "wt":
-        return -jnp.sum(probs * jnp.log(probs + _TINY), axis=-1)
-    binary = -(probs * jnp.log(probs + _TINY) + (1.0 - probs) * jnp.log(1.0 - probs + _TINY))
-    return jnp.sum(binary, axis=-1)
+    return get_task(task).entropy(probs)
 
 
-def summarize(sums: PredictiveSums, task: Task) -> Predictive:
+def summarize(sums: PredictiveSums, task: TaskName) -> Predictive:
     """The decompositions from the running state."""
     count = jnp.maximum(sums.count, 1.0)
     total = entropy(sums.mean, task)
@@ -146,7 +144,7 @@ def add_samples(
     *,
     chunk_size: int,
     num_samples: int,
-    task: Task,
+    task: TaskName,
 ) -> PredictiveSums:
     """Adds samples `chunk * chunk_size ...` (those below `num_samples`) to the state."""
     indices = chunk * chunk_size + jnp.arange(chunk_size)
@@ -182,7 +180,7 @@ def posterior_predictive(
     *,
     num_samples: int,
     chunk_size: int = 1,
-    task: Task = "wt",
+    task: TaskName = "wt",
     mesh: Mesh | None = None,
 ) -> Predictive:
     """T samples of the network on `images`, reduced into a running state.
@@ -245,7 +243,7 @@ def add_samples_per_device(
     *,
     chunk_size: int,
     num_samples: int,
-    task: Task,
+    task: TaskName,
 ) -> PredictiveSums:
     """`add_samples` on every device of `mesh`: device d adds chunk `step * D + d`.
 

@@ -19,7 +19,17 @@ import pytest
 from flax.traverse_util import flatten_dict
 from jax import lax
 
-from vi_seg_jax.backbones import BACKBONES, FCN, UNet, VNet, count_params, get_backbone
+from vi_seg_jax.backbones import (
+    BACKBONES,
+    FCN,
+    Backbone,
+    UNet,
+    VNet,
+    conv1,
+    conv3,
+    count_params,
+    get_backbone,
+)
 from vi_seg_jax.backbones._blocks import (
     DEFAULT_CONV,
     depth_to_space,
@@ -483,3 +493,38 @@ def test_jit_grad_step():
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(new_params))
     value2, _ = step(new_params)
     assert value2 < value
+
+
+class PlainNet(Backbone):
+    """The recipe's example backbone: two 3×3 convolutions and a 1×1 head."""
+
+    @nn.compact
+    def _segment(self, x, *, train):
+        d = self.spatial_dims
+        x = nn.relu(conv3(self.features[0], d, name="conv_a", conv=self.conv)(x))
+        x = nn.relu(conv3(self.features[1], d, name="conv_b", conv=self.conv)(x))
+        logits = conv1(self.num_classes, d, use_bias=True, name="head", conv=self.conv)(x)
+        return logits, {"bottleneck": x, "pre_logits": x}
+
+
+def test_a_new_backbone_plugs_in_by_subclass_and_registry_entry(monkeypatch):
+    from vi_seg_jax.train.build import build_spec
+    from vi_seg_jax.train.config import BackboneConfig, TrainConfig
+    from vi_seg_jax.train.state import create_train_state
+    from vi_seg_jax.train.step import make_train_step
+
+    monkeypatch.setitem(BACKBONES, "plain", PlainNet)
+    config = TrainConfig(backbone=BackboneConfig(name="plain", spatial_dims=2, features=(4, 4)))
+    spec = build_spec(config, num_data=1.0)
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    labels = (images[..., 0] > 0).astype(jnp.uint8)
+    state = create_train_state(jax.random.key(1), spec, images)
+    # Its two 3×3 kernels are the Bayesian ones; the head stays deterministic.
+    assert sorted(state.guide.loc) == ["conv_a", "conv_b"] and "head" in state.params
+    with jax.numpy_dtype_promotion("standard"):
+        state, metrics = make_train_step(spec)(state, (images, labels))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+    with pytest.raises(ValueError, match=r"multiples of 2\*\*depth"):
+        PlainNet(num_classes=2, spatial_dims=2, features=(4, 4)).init(
+            jax.random.key(0), jnp.zeros((1, 7, 8, 4))
+        )

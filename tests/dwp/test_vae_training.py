@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vi_seg_jax.bayes.elbo import linear_warmup
 from vi_seg_jax.dwp import vae, vae_training
 
 # Low-rank Gaussian 3×3 kernels: w = A z + b + NOISE·ε, z ∈ R², so the covariance is
@@ -98,9 +99,9 @@ def test_normal_baseline_matches_the_formula():
 
 
 def test_beta_warms_up_linearly():
-    steps = jnp.asarray([0, 50, 100, 400], jnp.int32)
-    np.testing.assert_allclose(vae_training.beta_at(steps, 100), [0.0, 0.5, 1.0, 1.0])
-    np.testing.assert_allclose(vae_training.beta_at(steps, 0), 1.0)
+    steps = jnp.asarray([0, 49, 99, 400], jnp.int32)
+    np.testing.assert_allclose(linear_warmup(steps, 100), [0.01, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(linear_warmup(steps, 0), 1.0)
 
 
 def test_early_stopping_validates_on_a_share_of_the_training_kernels():

@@ -23,7 +23,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from vi_seg_jax.backbones._blocks import upsample2x
+from vi_seg_jax.backbones._blocks import (
+    Backbone,
+    ResBlock,
+    UpBlock,
+    conv1,
+    conv3,
+    instance_norm,
+    upsample2x,
+)
 from vi_seg_jax.backbones.fcn import FCN
 from vi_seg_jax.backbones.unet import UNet
 from vi_seg_jax.backbones.vnet import VNet
@@ -31,10 +39,16 @@ from vi_seg_jax.backbones.vnet import VNet
 __all__ = [
     "BACKBONES",
     "FCN",
+    "Backbone",
+    "ResBlock",
     "UNet",
+    "UpBlock",
     "VNet",
+    "conv1",
+    "conv3",
     "count_params",
     "get_backbone",
+    "instance_norm",
     "upsample2x",
 ]
 

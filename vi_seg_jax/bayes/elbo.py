@@ -33,26 +33,25 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from vi_seg_jax.data.conventions import REGION_CLASSES, REGION_NAMES
+from vi_seg_jax.task import TASKS, get_task
 
-Task = Literal["wt", "regions"]
+TaskName = Literal["wt", "regions"]
 
 
 @dataclasses.dataclass(frozen=True)
 class LikelihoodConfig:
     """Data term. Defaults are the paper code's (0.01 CE + 0.99 Dice, summed CE)."""
 
-    task: Task = "wt"
+    task: TaskName = "wt"
     ce_weight: float = 0.01
     dice_weight: float = 0.99
     reduction: Literal["sum", "mean"] = "sum"
     dice_smooth: float = 1e-3
 
     def __post_init__(self):
-        if self.task not in ("wt", "regions"):
-            raise ValueError(f"task must be 'wt' or 'regions', got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
         if self.reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
         if self.ce_weight < 0 or self.dice_weight < 0 or self.ce_weight + self.dice_weight == 0:
@@ -60,7 +59,7 @@ class LikelihoodConfig:
 
     @property
     def num_outputs(self) -> int:
-        return 2 if self.task == "wt" else len(REGION_NAMES)
+        return get_task(self.task).num_outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,23 +78,20 @@ def num_data_for_patches(volume_shapes, patch_shape) -> float:
     return voxels / float(np.prod(patch_shape))
 
 
-def targets(labels: jax.Array, task: Task) -> jax.Array:
+def targets(labels: jax.Array, task: TaskName) -> jax.Array:
     """Canonical classes [B, *S] -> int WT labels [B, *S] or region masks [B, *S, 3] float."""
-    if task == "wt":
-        return jnp.isin(labels, jnp.asarray(REGION_CLASSES["wt"], labels.dtype)).astype(jnp.int32)
-    masks = [jnp.isin(labels, jnp.asarray(REGION_CLASSES[r], labels.dtype)) for r in REGION_NAMES]
-    return jnp.stack(masks, axis=-1).astype(jnp.float32)
+    return get_task(task).targets(labels)
 
 
-def probabilities(logits: jax.Array, task: Task) -> jax.Array:
+def probabilities(logits: jax.Array, task: TaskName) -> jax.Array:
     """Softmax over classes (wt) or a sigmoid per region (regions)."""
-    return jax.nn.softmax(logits, axis=-1) if task == "wt" else jax.nn.sigmoid(logits)
+    return get_task(task).probabilities(logits)
 
 
-def foreground_probability(logits: jax.Array, task: Task) -> jax.Array:
+def foreground_probability(logits: jax.Array, task: TaskName) -> jax.Array:
     """P(whole tumour) per voxel [B, *S]."""
-    probs = probabilities(logits, task)
-    return probs[..., 1] if task == "wt" else probs[..., 0]
+    task = get_task(task)
+    return task.whole_tumour(task.probabilities(logits))
 
 
 def data_term(
@@ -110,28 +106,10 @@ def data_term(
     their mean (module docstring). None: every voxel weighs 1.
     """
     spatial = tuple(range(1, labels.ndim))
-    target = targets(labels, config.task)
-    if config.task == "wt":
-        one_hot = jax.nn.one_hot(target, 2, dtype=logits.dtype)
-        # One-hot cross-entropy, not the integer-label form: the latter's gradient is a
-        # scatter of constants that XLA spends seconds constant-folding on 3D patches.
-        ce = optax.softmax_cross_entropy(logits, one_hot)
-        dice = optax.losses.dice_loss(
-            logits, one_hot, smooth=config.dice_smooth, ignore_background=True
-        )
-    else:
-        ce = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, target), axis=-1)
-        # Each region is a binary problem: softmax([0, z]) = (1 − σ(z), σ(z)) per voxel.
-        # (optax's apply_softmax=False path checks its input with Python control flow,
-        # which fails under jit.)
-        per_region = optax.losses.dice_loss(
-            jnp.stack([jnp.zeros_like(logits), logits], axis=-1),
-            jax.nn.one_hot(target.astype(jnp.int32), 2, dtype=logits.dtype),
-            smooth=config.dice_smooth,
-            ignore_background=True,
-            axis=spatial,
-        )
-        dice = jnp.mean(per_region, axis=-1)
+    task = get_task(config.task)
+    target = task.targets(labels)
+    ce = task.cross_entropy(logits, target)
+    dice = task.soft_dice_loss(logits, target, config.dice_smooth, spatial)
     if weights is not None:
         ce = ce * weights
         dice = dice * jnp.mean(weights, axis=spatial)
@@ -139,12 +117,19 @@ def data_term(
     return config.ce_weight * ce + config.dice_weight * dice
 
 
+def linear_warmup(step: jax.Array, warmup_steps: int) -> jax.Array:
+    """min(1, (t + 1) / W) at 0-based step t: the first step already trains; 1 when W ≤ 0.
+
+    The one warm-up of the project (the ELBO's KL weight and the kernel VAE's β).
+    """
+    if warmup_steps <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, (jnp.asarray(step).astype(jnp.float32) + 1.0) / warmup_steps)
+
+
 def kl_scale(step: jax.Array, config: ObjectiveConfig) -> jax.Array:
-    """β_t: the capped linear warm-up of the KL weight."""
-    if config.kl_warmup_steps <= 0:
-        return jnp.asarray(config.kl_weight, jnp.float32)
-    ramp = jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / config.kl_warmup_steps)
-    return config.kl_weight * ramp
+    """β_t: the KL weight times its capped linear warm-up."""
+    return config.kl_weight * linear_warmup(step, config.kl_warmup_steps)
 
 
 def scaled_data_term(
@@ -158,7 +143,9 @@ def scaled_data_term(
     return (config.num_data / labels.shape[0]) * jnp.sum(per_example)
 
 
-def hard_dice(logits: jax.Array, labels: jax.Array, task: Task, smooth: float = 1e-6) -> jax.Array:
+def hard_dice(
+    logits: jax.Array, labels: jax.Array, task: TaskName, smooth: float = 1e-6
+) -> jax.Array:
     """Whole-tumour Dice of the thresholded batch prediction (a training metric)."""
     predicted = foreground_probability(logits, task) > 0.5
     truth = targets(labels, "wt") > 0

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct, traverse_util
 
-Path = tuple[str, ...]
+ParamPath = tuple[str, ...]
 Params = Mapping[str, object]
 
 
-def is_spatial_3x3_kernel(path: Path, leaf: jax.Array) -> bool:
+def is_spatial_3x3_kernel(path: ParamPath, leaf: jax.Array) -> bool:
     """The default Bayesian selection: convolution kernels whose spatial size is all 3s."""
     return path[-1] == "kernel" and leaf.ndim in (4, 5) and all(s == 3 for s in leaf.shape[:-2])
 
@@ -61,14 +61,14 @@ class GuideParams:
 
 
 def bayesian_paths(
-    params: Params, select: Callable[[Path, jax.Array], bool] = is_spatial_3x3_kernel
-) -> tuple[Path, ...]:
+    params: Params, select: Callable[[ParamPath, jax.Array], bool] = is_spatial_3x3_kernel
+) -> tuple[ParamPath, ...]:
     """Sorted parameter paths that the guide covers."""
     flat = traverse_util.flatten_dict(dict(params))
     return tuple(sorted(path for path, leaf in flat.items() if select(path, leaf)))
 
 
-def split_params(params: Params, paths: tuple[Path, ...]) -> tuple[dict, dict]:
+def split_params(params: Params, paths: tuple[ParamPath, ...]) -> tuple[dict, dict]:
     """Splits a parameter tree into (Bayesian kernels, deterministic rest), both nested."""
     flat = traverse_util.flatten_dict(dict(params))
     chosen = set(paths)

@@ -21,7 +21,7 @@ import numpyro
 import numpyro.distributions as dist
 from flax import traverse_util
 
-from vi_seg_jax.bayes.elbo import Task, targets
+from vi_seg_jax.bayes.elbo import TaskName, targets
 from vi_seg_jax.bayes.guide import GuideParams
 from vi_seg_jax.bayes.layers import apply_sampled
 
@@ -39,7 +39,7 @@ def model(
     kernel_shapes,
     prior_scale=1.0,
     num_data,
-    task: Task = "wt",
+    task: TaskName = "wt",
 ):
     """p(w) p(y | x, w) with the data plate subsampled to the batch.
 

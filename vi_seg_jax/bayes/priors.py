@@ -31,6 +31,10 @@ class Prior(Protocol):
         """Parameters trained jointly with q (kept in the train state), or None."""
         ...
 
+    def neg_log_prob(self, kernels) -> jax.Array:
+        """−log p(w) of point kernels (the MAP methods' penalty), a scalar."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class NormalPrior:

@@ -23,17 +23,17 @@ import re
 
 import numpy as np
 
-from vi_seg_jax.bayes.guide import Path
+from vi_seg_jax.bayes.guide import ParamPath
 
 MIN_KERNEL_NORM = 1e-2
 _STAGE_RANK = {"init": 0, "down": 1, "bottleneck": 2, "up": 3}
 
 
-def path_name(path: Path) -> str:
+def path_name(path: ParamPath) -> str:
     return "/".join(path)
 
 
-def _forward_key(path: Path) -> tuple:
+def _forward_key(path: ParamPath) -> tuple:
     """Sort key placing convs in forward order: init, down_i/conv_j, bottleneck, up_k."""
     stage, *rest = path
     match = re.fullmatch(r"([a-z]+)(?:_(\d+))?", stage)
@@ -43,11 +43,11 @@ def _forward_key(path: Path) -> tuple:
     return (_STAGE_RANK[match.group(1)], int(match.group(2) or 0), numbers)
 
 
-def forward_order(paths: tuple[Path, ...]) -> list[Path]:
+def forward_order(paths: tuple[ParamPath, ...]) -> list[ParamPath]:
     return sorted(paths, key=_forward_key)
 
 
-def _unet_paper_groups(encoder: list[Path]) -> dict[str, list[Path]] | None:
+def _unet_paper_groups(encoder: list[ParamPath]) -> dict[str, list[ParamPath]] | None:
     """The DWP code's encoder groups, for a U-Net of the paper's depth (else None)."""
     names = [path_name(p) for p in encoder]
     boundaries = ["down_1/conv_2/kernel", "down_3/conv_2/kernel", "down_5/conv_2/kernel"]
@@ -57,7 +57,7 @@ def _unet_paper_groups(encoder: list[Path]) -> dict[str, list[Path]] | None:
     return {f"encoder_{i + 1}": encoder[cuts[i] : cuts[i + 1]] for i in range(4)}
 
 
-def default_groups(backbone: str, paths: tuple[Path, ...]) -> dict[str, list[Path]]:
+def default_groups(backbone: str, paths: tuple[ParamPath, ...]) -> dict[str, list[ParamPath]]:
     """Layer group name -> Bayesian kernel paths, in forward order (see the module doc)."""
     ordered = forward_order(paths)
     decoder = [p for p in ordered if p[0].startswith("up_")]
@@ -80,7 +80,7 @@ def kernel_slices(kernel: np.ndarray) -> np.ndarray:
 
 
 def collect_kernels(
-    params_list: list[dict], groups: dict[str, list[Path]], min_norm: float = MIN_KERNEL_NORM
+    params_list: list[dict], groups: dict[str, list[ParamPath]], min_norm: float = MIN_KERNEL_NORM
 ) -> dict[str, np.ndarray]:
     """Kernel slices of every network in `params_list`, per group, small ones dropped."""
     collected = {}

@@ -32,7 +32,7 @@ import json
 import math
 import shutil
 import tempfile
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vi_seg_jax.bayes.guide import GuideParams, Path
+from vi_seg_jax.bayes.guide import GuideParams, ParamPath
 from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.dwp.kernels import default_groups, path_name
 from vi_seg_jax.dwp.vae import (
@@ -113,7 +113,7 @@ class DeepWeightPrior:
     """
 
     vaes: dict[str, tuple[Any, VAEConfig]]
-    groups: dict[str, tuple[Path, ...]]
+    groups: dict[str, tuple[ParamPath, ...]]
     fallback: NormalPrior = NormalPrior()
     chunk_size: int = 4096
     gaussian: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -172,23 +172,23 @@ class DeepWeightPrior:
 
 
 def write_prior(
-    directory: str | FsPath,
+    directory: str | Path,
     *,
     backbone: str,
     spatial_dims: int,
-    groups: dict[str, list[Path]],
+    groups: dict[str, list[ParamPath]],
     kernels: dict[str, np.ndarray],
     vaes: dict[str, tuple[Any, VAEConfig]],
     reports: dict[str, Any],
     gaussian_groups: dict[str, float] | None = None,
-) -> FsPath:
+) -> Path:
     """Writes a prior folder atomically (built beside the target, then renamed).
 
     `gaussian_groups`: group → σ² of the groups whose prior is N(0, σ²) instead of the VAE.
     """
-    directory = FsPath(directory)
+    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = FsPath(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         (staging / "kernels").mkdir()
         for name, rows in kernels.items():
@@ -212,10 +212,10 @@ def write_prior(
     return directory
 
 
-def read_manifest(directory: str | FsPath) -> dict[str, Any]:
-    path = FsPath(directory) / MANIFEST
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise DataError(FsPath(directory), "not a deep-weight-prior folder (no manifest.json)")
+        raise DataError(Path(directory), "not a deep-weight-prior folder (no manifest.json)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -226,11 +226,11 @@ def read_manifest(directory: str | FsPath) -> dict[str, Any]:
 
 
 def load_prior(
-    directory: str | FsPath,
+    directory: str | Path,
     *,
     backbone: str,
     spatial_dims: int,
-    paths: tuple[Path, ...],
+    paths: tuple[ParamPath, ...],
     fallback: NormalPrior | None = None,
     train_encoder: bool = False,
 ) -> DeepWeightPrior:
@@ -240,7 +240,7 @@ def load_prior(
       DataError: the folder was built for another backbone, spatial dims / kernel size or
         layer grouping than the target's (`paths`: its Bayesian kernels).
     """
-    directory = FsPath(directory)
+    directory = Path(directory)
     manifest = read_manifest(directory)
     where = directory / MANIFEST
     if manifest["backbone"] != backbone:

@@ -1,7 +1,7 @@
 """Fitting the kernel VAE (`vae.KernelVAE`) to kernel slices, with a held-out report.
 
 `train_vae` runs Adam on minibatches drawn with replacement from an [N, D] array of
-kernels, with the KL weight β warmed up linearly (`beta_at`) and, optionally, early
+kernels, with the KL weight β warmed up linearly (`bayes.elbo.linear_warmup`) and, optionally, early
 stopping on a validation share. It reports the held-out −ELBO against the N(0, σ²)
 baseline (`normal_neg_log_lik`) that a group whose VAE loses falls back to
 (`experiments.train_prior` decides).
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from vi_seg_jax.bayes.elbo import linear_warmup
 from vi_seg_jax.dwp.vae import Params, VAEConfig, as_kernels, init_vae, negative_elbo
 
 EVAL_SAMPLES = 8  # z samples averaged in the reported −ELBO estimates
@@ -44,13 +45,6 @@ def normal_neg_log_lik(kernels: np.ndarray, variance: float) -> np.ndarray:
     return 0.5 * np.sum(w**2, axis=1) / variance + 0.5 * dim * math.log(2 * math.pi * variance)
 
 
-def beta_at(step: jax.Array, warmup_steps: int) -> jax.Array:
-    """KL weight at `step` (0-based): linear 0 → 1 over `warmup_steps`, then 1."""
-    if warmup_steps == 0:
-        return jnp.ones((), jnp.float32)
-    return jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
-
-
 def _make_train_step(config: VAEConfig, optimizer: optax.GradientTransformation):
     """Jitted (params, opt_state, train_kernels, key, step) → (params, opt_state, loss).
 
@@ -65,7 +59,7 @@ def _make_train_step(config: VAEConfig, optimizer: optax.GradientTransformation)
     def step_fn(params, opt_state, train, key, step):
         batch_key, noise_key = jax.random.split(jax.random.fold_in(key, step))
         index = jax.random.randint(batch_key, (config.batch_size,), 0, train.shape[0])
-        beta = beta_at(step, config.beta_warmup_steps)
+        beta = linear_warmup(step, config.beta_warmup_steps)
         loss, grads = jax.value_and_grad(loss_fn)(params, train[index], noise_key, beta)
         # optax's Adam bias correction raises a float to an int32 step count, which the
         # strict dtype promotion some callers run under refuses.

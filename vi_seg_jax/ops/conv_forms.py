@@ -5,8 +5,8 @@ conv) and each kernel-gradient formulation (`KERNEL_GRAD`) computes the same num
 `lax.conv_general_dilated` up to float rounding; `vi_seg_jax.ops.conv3d` combines them and
 `vi_seg_jax.ops.conv_tuning` times them.
 
-- `"xla"`: XLA's own conv (slow on CPUs: 12-36 GFLOP/s forward+backward measured, against
-  100-350 GFLOP/s for XLA's matrix products on the same machines).
+- `"xla"`: XLA's own conv (slow on CPUs, well below XLA's matrix products; the numbers are
+  in `benchmarks/train_step.py`'s output and the README's Performance section).
 - `"summed"` / `"stacked"`: the first spatial axis is padded, its `K0` shifted slices are
   folded into the batch, and the conv becomes 2D convolutions over the other two axes: the
   sum of `K0` convs with the kernel slices `w[k]`, or one conv on the slices stacked along
@@ -29,9 +29,9 @@ from jax import lax
 
 FORWARD_FORMS: tuple[str, ...] = ("xla", "summed", "stacked", "gemm")
 # "summed@s": the kernel gradient of "summed" accumulated over slabs of `s` output slices of
-# the first spatial axis. XLA's 2D kernel-gradient conv is 2.5-5× faster on such slabs than on
-# the whole folded batch (measured on a 2-core Intel Xeon: 20 → 63 GFLOP/s at 2×64³×16,
-# 35 → 154 at 2×32³×32), and which slab size wins depends on the shape and the machine.
+# the first spatial axis. XLA's 2D kernel-gradient conv is several times faster on such slabs
+# than on the whole folded batch, and which slab size wins depends on the shape and the
+# machine (so the tuning measures it).
 SLAB_SIZES: tuple[int, ...] = (1, 2, 4, 8)
 KERNEL_GRAD_FORMS: tuple[str, ...] = (
     "xla",

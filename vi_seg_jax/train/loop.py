@@ -53,6 +53,7 @@ from vi_seg_jax.metrics import dice, iou
 from vi_seg_jax.parallel import data_mesh, global_batch, is_primary, process_rows, replicated
 from vi_seg_jax.plots import uncertainty_figure
 from vi_seg_jax.predict import Predictor, TrainedModel, fit_temperatures, load_trained
+from vi_seg_jax.task import get_task
 from vi_seg_jax.train.build import build_spec, preprocess_config_for
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.metrics_log import MetricsLog, read_records
@@ -382,10 +383,12 @@ def _validator(
         extent = tuple(slice(0, s) for s in case.image.shape[:3])
         return Predictive(*(_from_batch(field, dims)[extent] for field in out))
 
+    task = get_task(config.likelihood.task)
+
     def validate(state: TrainState) -> dict[str, float]:
         dices, ious = [], []
         for index, case in enumerate(cases):
-            predicted = _whole_tumour(predict(state, index).mean, config.likelihood.task)
+            predicted = task.whole_tumour(predict(state, index).mean) > 0.5
             truth = np.asarray(case.label) > 0
             dices.append(dice(predicted, truth))
             ious.append(iou(predicted, truth))
@@ -394,23 +397,19 @@ def _validator(
     return validate, predict, samples
 
 
-def _whole_tumour(probs: np.ndarray, task: str) -> np.ndarray:
-    return probs[..., 1] > 0.5 if task == "wt" else probs[..., 0] > 0.5
-
-
 def _pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     pad = [(0, s - n) for s, n in zip(shape, image.shape[:3], strict=True)] + [(0, 0)]
     return np.pad(image, pad)
 
 
 def _figure(path: Path, out: Predictive, case: PreparedCase, config: TrainConfig, samples: int):
-    channel = 1 if config.likelihood.task == "wt" else 0
+    task = get_task(config.likelihood.task)
     uncertainty_figure(
         path,
         image=np.asarray(case.image)[..., -1],
         truth=np.asarray(case.label) > 0,
-        prediction=_whole_tumour(out.mean, config.likelihood.task),
-        aleatoric=out.aleatoric[..., channel],
-        epistemic=out.epistemic[..., channel],
+        prediction=task.whole_tumour(out.mean) > 0.5,
+        aleatoric=task.whole_tumour(out.aleatoric),
+        epistemic=task.whole_tumour(out.epistemic),
         title=f"{case.case_id}: {config.backbone.name}, {config.method.method}, {samples} samples",
     )

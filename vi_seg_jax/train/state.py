@@ -100,8 +100,8 @@ class ModelSpec:
     def for_batched_kernels(self) -> ModelSpec:
         """This spec for a function that vmaps over per-sample kernels (particles, ensemble
         members, Monte Carlo samples): GEMM convolutions, which become batched GEMMs there,
-        where XLA turns the other formulations into grouped convs (4.7× slower at 2
-        particles, 2×32³). A formulation the backbone forces is kept."""
+        where XLA turns the other formulations into much slower grouped convs. A formulation
+        the backbone forces is kept."""
         conv = getattr(self.backbone, "conv", None)
         if conv is None or conv.impl != "auto":
             return self
