@@ -1,4 +1,9 @@
-"""Where the project keeps its files, and atomic writes of files and folders."""
+"""Where the project keeps its files, and atomic writes of files and folders.
+
+Atomic writes go through a temporary file or folder, which Python creates owner-only; the
+final file or folder gets the permissions a plain `open()` or `mkdir()` would give under the
+current umask, so a lab's group can read what the project writes.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +25,29 @@ def cache_root() -> Path:
     return Path(base) / "vi_seg_jax"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file under the current umask."""
+    return 0o666 & ~_current_umask()
+
+
+def new_folder_mode() -> int:
+    """The mode `mkdir` gives a new folder under the current umask."""
+    return 0o777 & ~_current_umask()
+
+
 def replace_folder(new: Path, target: Path) -> None:
     """Renames `new` to `target`, moving an old `target` aside first.
 
     A folder cannot be renamed over a non-empty one; with the old one moved aside first, one
     complete copy exists under one of the two names at every moment (renames are atomic).
     """
+    os.chmod(new, new_folder_mode())  # staged with mkdtemp, which is owner-only
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -40,6 +62,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

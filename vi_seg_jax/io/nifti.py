@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from vi_seg_jax.errors import DataError
+from vi_seg_jax.io.folders import new_file_mode
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -173,6 +174,7 @@ def write_nifti(
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent
     )
+    os.fchmod(fd, new_file_mode())  # mkstemp's file is owner-only
     os.close(fd)
     try:
         nib.save(image, tmp_name)
