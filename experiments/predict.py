@@ -14,7 +14,8 @@ the default samples and windows; other settings are allowed, with a note.
 
 The Monte Carlo samples of a case are spread over all devices (`--devices N` for fewer);
 the maps equal one device's up to float rounding. Multi-process runs take the flags of
-`experiments.train`; process 0 writes the files.
+`experiments.train`; process 0 writes the files. The library function is
+`vi_seg_jax.predict.predict_folder`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.common import add_device_flags, distributed_config, run_cli
+from experiments.common import add_device_flags, distributed_config, make_parser, run_cli
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.predict",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser("experiments.predict", __doc__)
     add = parser.add_argument
     add("--checkpoint", required=True, type=Path, help="a training workdir (its best checkpoint)")
     add("--input", type=Path, help="one case folder or a BraTS-layout dataset")
@@ -78,31 +75,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from tqdm.auto import tqdm
+    from vi_seg_jax.predict import Predictor, load_trained, predict_folder
 
-    from vi_seg_jax.data.discovery import discover_cases
-    from vi_seg_jax.errors import DataError
-    from vi_seg_jax.io.folders import write_json_atomic
-    from vi_seg_jax.parallel import is_primary
-    from vi_seg_jax.predict import Predictor, load_trained, read_splits, write_case
-
-    model = load_trained(args.checkpoint, args.step)
-    data_dir, wanted = args.input, None
-    if args.split is not None:
-        splits = read_splits(args.checkpoint)
-        data_dir = data_dir or Path(splits["root"])
-        wanted = set(splits[args.split])
-    dataset = discover_cases(
-        data_dir,
-        modalities=model.config.data.modalities,
-        require_labels=False,
-        skip_bad=args.skip_bad,
-    )
-    cases = [c for c in dataset.cases if wanted is None or c.case_id in wanted]
-    if not cases:
-        raise DataError(data_dir, f"holds none of the run's {args.split} cases")
     predictor = Predictor(
-        model,
+        load_trained(args.checkpoint, args.step),
         num_samples=args.samples,
         chunk_size=args.chunk,
         window_size=args.window,
@@ -110,36 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         tile_batch=args.tile_batch,
         mesh=args.mesh,
     )
-    primary = is_primary()
-    calibrated_with = model.calibrated_with
-    if calibrated_with and calibrated_with != predictor.settings() and primary:
-        print(
-            f"note: the temperatures were fitted with {calibrated_with}; this run uses "
-            f"{predictor.settings()}, so they may calibrate it less well",
-            file=sys.stderr,
-        )
-    if primary:
-        args.out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "checkpoint": str(args.checkpoint),
-        "input": str(Path(data_dir).absolute()),
-        "step": model.step,
-        "task": model.task,
-        **predictor.settings(),
-        "devices": predictor.devices,
-        "temperature": {r: model.temperatures.get(r, 1.0) for r in model.regions},
-        "cases": [],
-    }
-    progress = not args.no_progress and primary
-    for case in tqdm(cases, desc="cases", unit="case", disable=None if progress else True):
-        prediction = predictor.predict_case(case, progress=progress)
-        record["cases"].append(case.case_id)
-        if primary:
-            write_case(args.out, prediction, model.regions)
-            write_json_atomic(args.out / "prediction.json", record)
+    record = predict_folder(
+        predictor,
+        args.out,
+        data_dir=args.input,
+        split=args.split,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
     print(
-        f"{len(record['cases'])} case(s), {predictor.num_samples} samples each, "
-        f"checkpoint step {model.step}: {args.out}/",
+        f"{len(record['cases'])} case(s), {record['samples']} samples each, "
+        f"checkpoint step {record['step']}: {args.out}/",
         file=sys.stderr,
     )
     return 0

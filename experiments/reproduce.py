@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.common import make_parser, run_cli
 from experiments.configs import get_config, with_overrides
-from experiments.studies import held_out_dice_iou, mean_std_table, train_or_reuse, write_csv
+from experiments.studies import mean_std_table, run_grid, train_or_reuse, write_csv
 
 BACKBONES = ("unet", "vnet", "fcn")
 METHODS = ("deterministic", "mc_dropout", "ensemble", "vi", "dwp")
@@ -105,24 +104,12 @@ def run_config(args: argparse.Namespace, backbone: str, method: str, size: int, 
 
 
 def dice_iou_table(args: argparse.Namespace) -> None:
-    from tqdm.auto import tqdm
-
     from vi_seg_jax.plots import transfer_figure
 
     tables = args.out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
-    runs = [
-        (backbone, size, repeat)
-        for repeat in range(args.repeats)
-        for size in args.train_sizes
-        for backbone in args.backbones
-    ]
-    rows = []
-    for backbone, size, repeat in tqdm(runs, desc="runs", disable=args.no_progress or None):
-        workdir = args.out / "runs" / f"{backbone}-n{size}-r{repeat}"
-        train_or_reuse(run_config(args, backbone, "vi", size, repeat), workdir)
-        scores = held_out_dice_iou(workdir, args.samples)
-        rows.append({"backbone": backbone, "train_size": size, "repeat": repeat, **scores})
+
+    def write_tables(rows: list[dict]) -> None:
         write_csv(tables / "dice_iou.csv", rows)
         for metric in ("dice", "iou"):
             table = mean_std_table(
@@ -137,12 +124,26 @@ def dice_iou_table(args: argparse.Namespace) -> None:
         transfer_figure(
             tables / "dice_vs_train_size.png", [{**r, "variant": r["backbone"]} for r in rows]
         )
+
+    run_grid(
+        args.backbones,
+        args.train_sizes,
+        args.repeats,
+        name_key="backbone",
+        config_for=lambda backbone, size, repeat: run_config(args, backbone, "vi", size, repeat),
+        runs_dir=args.out / "runs",
+        samples=args.samples,
+        after_each=write_tables,
+        progress=not args.no_progress,
+    )
     print((tables / "dice.md").read_text())
 
 
 def methods_table(args: argparse.Namespace) -> None:
-    from experiments import evaluate, predict
+    from vi_seg_jax.evaluation import PREDICTION_FILE, PredictionRun, evaluate_folder
+    from vi_seg_jax.parallel import data_mesh
     from vi_seg_jax.plots import methods_figure
+    from vi_seg_jax.predict import Predictor, load_trained, predict_folder
 
     tables = args.out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
@@ -151,15 +152,18 @@ def methods_table(args: argparse.Namespace) -> None:
         workdir = args.out / "runs" / f"method-{method}-n{args.method_train_size}"
         train_or_reuse(run_config(args, "unet", method, args.method_train_size, 0), workdir)
         predictions = args.out / "predictions" / method
-        if not (predictions / "prediction.json").exists():
-            argv = ["--checkpoint", str(workdir), "--split", "test", "--out", str(predictions)]
+        if not (predictions / PREDICTION_FILE).exists():
             fixed = method in ("deterministic", "ensemble")  # 1 sample / one per member
-            samples = [] if fixed else ["--samples", str(args.samples)]
-            predict.main([*argv, *samples, "--no-progress"])
-        evaluation = args.out / "evaluation" / method
-        evaluate.main(["--pred", str(predictions), "--out", str(evaluation), "--no-progress"])
-        summary = json.loads((evaluation / "summary.json").read_text())["wt"]
-        rows.append({"method": method} | {m: summary[m]["mean"] for m in summary})
+            predictor = Predictor(
+                load_trained(workdir),
+                num_samples=None if fixed else args.samples,
+                mesh=data_mesh(),  # every device, as `experiments.predict`
+            )
+            predict_folder(predictor, predictions, split="test", progress=False)
+        run = PredictionRun.read(predictions)
+        summary = evaluate_folder(run, args.out / "evaluation" / method, progress=False)["wt"]
+        # Metrics in alphabetical order, the columns methods.csv has always had.
+        rows.append({"method": method} | {m: summary[m]["mean"] for m in sorted(summary)})
         write_csv(tables / "methods.csv", rows)
     shown = ("dice", "iou", "hd95", "ece", "brier", "nll", "qubrats_score")
     lines = ["| method | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]

@@ -1,14 +1,65 @@
-"""What the multi-run studies (`reproduce`, `transfer`) share: run-or-reuse, test scores, tables."""
+"""What the multi-run studies (`reproduce`, `transfer`) share: the grid of runs (train or
+reuse each, score it on the held-out test cases), and the tables."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from vi_seg_jax.train.config import TrainConfig
 
-def train_or_reuse(config, workdir: Path) -> Path:
+
+def run_grid(
+    names: Sequence[str],
+    sizes: Sequence[int],
+    repeats: int,
+    *,
+    name_key: str,
+    config_for: Callable[[str, int, int], TrainConfig],
+    runs_dir: Path,
+    samples: int,
+    after_each: Callable[[list[dict]], None],
+    desc: str = "runs",
+    progress: bool = True,
+) -> list[dict]:
+    """Trains (or reuses) a run per repeat × train size × name and scores its test cases.
+
+    Runs go, in that order (every name of a size, every size of a repeat), to
+    `runs_dir/<name>-n<size>-r<repeat>`, trained from `config_for(name, size, repeat)`.
+
+    Args:
+      names: what differs between the runs of one size (backbones, variants).
+      sizes: training set sizes.
+      repeats: seeded draws of the training cases per size (0 .. repeats - 1).
+      name_key: the rows' column holding the name.
+      config_for: the configuration of one run.
+      runs_dir: where the runs' workdirs are.
+      samples: Monte Carlo samples at test time (`held_out_dice_iou`).
+      after_each: called with the rows so far after each run (tables kept up to date).
+      desc: the progress bar's label.
+      progress: show a progress bar over the runs.
+
+    Returns:
+      One row per run: `{name_key: name, "train_size", "repeat", "dice", "iou"}`.
+    """
+    from tqdm.auto import tqdm
+
+    runs = [(name, size, repeat) for repeat in range(repeats) for size in sizes for name in names]
+    rows = []
+    for name, size, repeat in tqdm(runs, desc=desc, disable=None if progress else True):
+        workdir = runs_dir / f"{name}-n{size}-r{repeat}"
+        train_or_reuse(config_for(name, size, repeat), workdir)
+        scores = held_out_dice_iou(workdir, samples)
+        rows.append({name_key: name, "train_size": size, "repeat": repeat, **scores})
+        after_each(rows)
+    return rows
+
+
+def train_or_reuse(config: TrainConfig, workdir: Path) -> Path:
     """Trains `config` into `workdir` unless a finished run is there (resumes a killed one)."""
     from vi_seg_jax.train.loop import train_and_evaluate
 

@@ -13,6 +13,7 @@ code's 5e-4 / 128 with `--vae-learning-rate 5e-4 --vae-batch-size 128`) and repo
 ELBO against an N(0, σ²) fit; a group whose VAE loses keeps that Gaussian as its prior
 (`--always-vae` keeps every VAE). The folder (manifest.json, kernels/, vae/) is written
 atomically. Source runs land in `OUT.sources/` and are reused when the command is rerun.
+`build_prior(PriorSettings(out=...))` does the same from Python (the studies call it).
 """
 
 from __future__ import annotations
@@ -28,26 +29,59 @@ from experiments.configs import PRESETS, get_config, with_overrides
 from vi_seg_jax.backbones import BACKBONES
 
 
+@dataclasses.dataclass(frozen=True)
+class PriorSettings:
+    """What `build_prior` builds (the flags of `python -m experiments.train_prior`).
+
+    `None` takes the preset's value (`spatial_dims`, `features`, `patch`), the synthetic
+    lesions domain (`source_data_dir`), or trains `sources` new source runs (`source_runs`).
+    """
+
+    out: Path
+    backbone: str = "unet"
+    preset: str = "quick"
+    spatial_dims: int | None = None
+    features: tuple[int, ...] | None = None
+    patch: tuple[int, ...] | None = None
+    source_data_dir: Path | None = None
+    source_runs: tuple[Path, ...] | None = None
+    sources: int = 2
+    source_steps: int = 200
+    vae_steps: int = 20_000
+    latent_dim: int = 6
+    # The DWP code's Adam 5e-4 with batch 128 under-fits at CPU step budgets (measured on
+    # 65k kernels: held-out −ELBO −23.0 nats after 10k steps, −25.7 with 2e-3 / 512 / 20k).
+    vae_learning_rate: float = 2e-3
+    vae_batch_size: int = 512
+    seed: int = 0
+    always_vae: bool = False
+    progress: bool = True
+
+
+# The fields set by a flag of the same name (`--out` has no default; `--no-progress`).
+_FLAG_FIELDS = tuple(
+    f.name for f in dataclasses.fields(PriorSettings) if f.name not in ("out", "progress")
+)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = make_parser("experiments.train_prior", __doc__)
     add = parser.add_argument
-    add("--backbone", choices=sorted(BACKBONES), default="unet", help="target architecture")
+    add("--backbone", choices=sorted(BACKBONES), help="target architecture")
     add("--out", required=True, type=Path, help="the prior folder to write")
-    add("--preset", choices=PRESETS, default="quick", help="configuration of the source runs")
+    add("--preset", choices=PRESETS, help="configuration of the source runs")
     add("--spatial-dims", type=int, choices=(2, 3), help="2D or 3D networks (preset default)")
     add("--features", type=int, nargs="+", help="channels per level (preset default)")
     add("--patch", type=int, nargs="+", help="training patch of the source runs")
     add("--source-data-dir", type=Path, help="source dataset (default: synthetic lesions)")
     add("--source-runs", type=Path, nargs="+", help="trained deterministic runs to reuse")
-    add("--sources", type=int, default=2, help="source networks to train (seeds 0..S-1)")
-    add("--source-steps", type=int, default=200, help="training steps per source network")
-    add("--vae-steps", type=int, default=20_000, help="VAE training steps per layer group")
-    add("--latent-dim", type=int, default=6, help="VAE latent size")
-    # The DWP code's Adam 5e-4 with batch 128 under-fits at CPU step budgets (measured on
-    # 65k kernels: held-out −ELBO −23.0 nats after 10k steps, −25.7 with 2e-3 / 512 / 20k).
-    add("--vae-learning-rate", type=float, default=2e-3, help="Adam step size of the VAEs")
-    add("--vae-batch-size", type=int, default=512, help="kernels per VAE step")
-    add("--seed", type=int, default=0, help="seed of the VAEs")
+    add("--sources", type=int, help="source networks to train (seeds 0..S-1)")
+    add("--source-steps", type=int, help="training steps per source network")
+    add("--vae-steps", type=int, help="VAE training steps per layer group")
+    add("--latent-dim", type=int, help="VAE latent size")
+    add("--vae-learning-rate", type=float, help="Adam step size of the VAEs")
+    add("--vae-batch-size", type=int, help="kernels per VAE step")
+    add("--seed", type=int, help="seed of the VAEs")
     add(
         "--always-vae",
         action="store_true",
@@ -55,35 +89,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "worse than N(0, σ²) gets that Gaussian (small groups, where VAEs over-fit)",
     )
     add("--no-progress", action="store_true", help="no progress bars")
+    # Every flag's default is the `PriorSettings` field's (shown by --help).
+    parser.set_defaults(**{name: getattr(PriorSettings, name) for name in _FLAG_FIELDS})
     args = parser.parse_args(argv)
     if args.sources < 1 or args.source_steps < 1 or args.vae_steps < 1 or args.latent_dim < 1:
         parser.error("--sources, --source-steps, --vae-steps and --latent-dim must be >= 1")
     return args
 
 
-def source_config(args: argparse.Namespace, seed: int):
+def source_config(settings: PriorSettings, seed: int):
     """The deterministic source run of seed `seed`."""
-    config = get_config(args.backbone, args.preset)
+    config = get_config(settings.backbone, settings.preset)
     backbone, data = {}, {}
-    if args.spatial_dims:
-        backbone["spatial_dims"] = args.spatial_dims
-        if args.spatial_dims == 2 and not args.patch:
+    if settings.spatial_dims:
+        backbone["spatial_dims"] = settings.spatial_dims
+        if settings.spatial_dims == 2 and not settings.patch:
             data["patch_shape"] = tuple(2 * p for p in config.data.patch_shape[:2])
-    if args.features:
-        backbone["features"] = tuple(args.features)
-    if args.patch:
-        data["patch_shape"] = tuple(args.patch)
-    if args.source_data_dir:
-        data["data_dir"] = str(args.source_data_dir.absolute())
+    if settings.features:
+        backbone["features"] = tuple(settings.features)
+    if settings.patch:
+        data["patch_shape"] = tuple(settings.patch)
+    if settings.source_data_dir:
+        data["data_dir"] = str(settings.source_data_dir.absolute())
     else:
         from vi_seg_jax.data.default import DefaultDataset, ensure_default_dataset
 
         lesions = DefaultDataset(domain="lesions", num_cases=20)
-        data["data_dir"] = str(ensure_default_dataset(lesions, progress=not args.no_progress))
+        data["data_dir"] = str(ensure_default_dataset(lesions, progress=settings.progress))
     # Source networks only need to learn the source domain: every case but one for validation
     # (and one held out, never used) trains them.
     data.update(test_size=1, validation_size=1, train_size=None)
-    schedule = {"steps": args.source_steps, "patience_epochs": None}
+    schedule = {"steps": settings.source_steps, "patience_epochs": None}
     return with_overrides(
         config,
         backbone=backbone,
@@ -94,23 +130,46 @@ def source_config(args: argparse.Namespace, seed: int):
     )
 
 
-def train_sources(args: argparse.Namespace) -> list[Path]:
+def train_sources(settings: PriorSettings) -> list[Path]:
     from vi_seg_jax.train.loop import train_and_evaluate
 
     runs = []
-    for seed in range(args.sources):
-        workdir = args.out.with_name(f"{args.out.name}.sources") / f"seed{seed}"
+    for seed in range(settings.sources):
+        workdir = settings.out.with_name(f"{settings.out.name}.sources") / f"seed{seed}"
         if not (workdir / "summary.json").exists():
-            config = source_config(args, seed)
-            print(f"source network {seed + 1}/{args.sources} -> {workdir}", file=sys.stderr)
+            config = source_config(settings, seed)
+            print(f"source network {seed + 1}/{settings.sources} -> {workdir}", file=sys.stderr)
             resume = (workdir / "checkpoints").is_dir()
-            train_and_evaluate(config, workdir, resume=resume, progress=not args.no_progress)
+            train_and_evaluate(config, workdir, resume=resume, progress=settings.progress)
         runs.append(workdir)
     return runs
 
 
+def settings_from_args(args: argparse.Namespace) -> PriorSettings:
+    """The `PriorSettings` of the parsed flags."""
+    values = {name: getattr(args, name) for name in ("out", *_FLAG_FIELDS)}
+    for name in ("features", "patch", "source_runs"):  # nargs="+": lists
+        values[name] = tuple(values[name]) if values[name] else None
+    return PriorSettings(**values, progress=not args.no_progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    settings = settings_from_args(parse_args(argv))
+    print(build_prior(settings))
+    print(f"prior written to {settings.out}/", file=sys.stderr)
+    return 0
+
+
+def build_prior(settings: PriorSettings) -> str:
+    """Trains (or reuses) the source runs, then the kernel VAEs, and writes the prior folder.
+
+    Returns:
+      A Markdown table, per layer group, of the held-out fits and the prior kept.
+
+    Raises:
+      DataError: a source run of another backbone or method, source runs of mixed
+        dimensions, or a layer group with too few usable kernels.
+    """
     import jax
 
     from vi_seg_jax.bayes.guide import bayesian_paths
@@ -122,46 +181,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vi_seg_jax.methods import Deterministic
     from vi_seg_jax.predict import load_trained
 
-    runs = args.source_runs or train_sources(args)
+    runs = settings.source_runs or train_sources(settings)
     models = [load_trained(run) for run in runs]
     for run, model in zip(runs, models, strict=True):
-        if model.config.backbone.name != args.backbone or not isinstance(
+        if model.config.backbone.name != settings.backbone or not isinstance(
             model.spec.strategy, Deterministic
         ):
             raise DataError(
                 run,
                 f"is a {model.config.backbone.name} {model.config.method.method} run; "
-                f"the prior needs deterministic {args.backbone} runs",
+                f"the prior needs deterministic {settings.backbone} runs",
             )
     dims = {m.config.backbone.spatial_dims for m in models}
     if len(dims) != 1:
         raise DataError(runs[0], f"source runs mix spatial dims {sorted(dims)}")
     spatial_dims = dims.pop()
     params = [jax.device_get(m.state.params) for m in models]
-    groups = default_groups(args.backbone, bayesian_paths(params[0]))
+    groups = default_groups(settings.backbone, bayesian_paths(params[0]))
     kernels = collect_kernels(params, groups)
     vaes, reports = {}, {}
-    keys = jax.random.split(jax.random.key(args.seed), len(groups))
+    keys = jax.random.split(jax.random.key(settings.seed), len(groups))
     for key, name in zip(keys, groups, strict=True):
         rows = kernels[name]
         if len(rows) < 20:
             raise DataError(runs[0], f"layer group {name} has only {len(rows)} usable kernels")
         config = VAEConfig(
             spatial_dims=spatial_dims,
-            latent_dim=args.latent_dim,
-            steps=args.vae_steps,
-            learning_rate=args.vae_learning_rate,
-            batch_size=args.vae_batch_size,
+            latent_dim=settings.latent_dim,
+            steps=settings.vae_steps,
+            learning_rate=settings.vae_learning_rate,
+            batch_size=settings.vae_batch_size,
         )
         print(f"kernel VAE {name}: {len(rows)} kernels", file=sys.stderr)
-        vae_params, report = train_vae(rows, config, key, progress=not args.no_progress)
+        vae_params, report = train_vae(rows, config, key, progress=settings.progress)
         vaes[name] = (vae_params, config)
         reports[name] = {k: _plain(v) for k, v in report.items()}
-    gaussian_groups = {} if args.always_vae else gaussian_fallbacks(reports, groups)
+    gaussian_groups = {} if settings.always_vae else gaussian_fallbacks(reports, groups)
     reports["sources"] = [str(Path(run).absolute()) for run in runs]
     write_prior(
-        args.out,
-        backbone=args.backbone,
+        settings.out,
+        backbone=settings.backbone,
         spatial_dims=spatial_dims,
         groups=groups,
         kernels=kernels,
@@ -169,9 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports=reports,
         gaussian_groups=gaussian_groups,
     )
-    print(_table(reports, groups, gaussian_groups))
-    print(f"prior written to {args.out}/", file=sys.stderr)
-    return 0
+    return _table(reports, groups, gaussian_groups)
 
 
 def _plain(value):

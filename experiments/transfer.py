@@ -32,7 +32,7 @@ from pathlib import Path
 
 from experiments.common import make_parser, run_cli
 from experiments.configs import get_config, with_overrides
-from experiments.studies import held_out_dice_iou, mean_std_table, train_or_reuse, write_csv
+from experiments.studies import mean_std_table, run_grid, write_csv
 from vi_seg_jax.backbones import get_backbone
 
 VARIANTS = ("RI", "PR", "PRf", "VI", "DWP", "DWP-E")
@@ -108,45 +108,47 @@ def _middle_layers(depth: int) -> tuple[str, ...]:
 
 
 def build_prior(args: argparse.Namespace) -> Path:
-    from experiments import train_prior
+    """`--prior-dir`, or the prior built into `OUT/prior` (reused when already there)."""
+    from experiments.train_prior import PriorSettings
+    from experiments.train_prior import build_prior as train_prior
 
     if args.prior_dir:
         return args.prior_dir
     prior = args.out / "prior"
     if not (prior / "manifest.json").exists():
         dims, patch, *_ = _PRESETS[args.preset]
-        argv = ["--backbone", args.backbone, "--preset", args.preset, "--out", str(prior)]
-        argv += ["--spatial-dims", str(dims), "--patch", *map(str, patch)]
-        argv += ["--source-steps", str(args.source_steps), "--vae-steps", str(args.vae_steps)]
-        if args.features:
-            argv += ["--features", *map(str, args.features)]
-        if args.source_data_dir:
-            argv += ["--source-data-dir", str(args.source_data_dir)]
-        if args.no_progress:
-            argv.append("--no-progress")
-        train_prior.main(argv)
+        settings = PriorSettings(
+            out=prior,
+            backbone=args.backbone,
+            preset=args.preset,
+            spatial_dims=dims,
+            features=tuple(args.features) if args.features else None,
+            patch=patch,
+            source_data_dir=args.source_data_dir,
+            source_steps=args.source_steps,
+            vae_steps=args.vae_steps,
+            progress=not args.no_progress,
+        )
+        print(train_prior(settings))
     return prior
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from tqdm.auto import tqdm
-
     args.out.mkdir(parents=True, exist_ok=True)
     prior = build_prior(args)
-    runs = [
-        (variant, size, repeat)
-        for repeat in range(args.repeats)
-        for size in args.train_sizes
-        for variant in args.variants
-    ]
-    rows = []
-    for variant, size, repeat in tqdm(runs, desc="transfer runs", disable=args.no_progress or None):
-        workdir = args.out / "runs" / f"{variant}-n{size}-r{repeat}"
-        train_or_reuse(target_config(args, variant, size, repeat, prior), workdir)
-        scores = held_out_dice_iou(workdir, args.samples)
-        rows.append({"variant": variant, "train_size": size, "repeat": repeat, **scores})
-        write_results(args.out, rows)
+    run_grid(
+        args.variants,
+        args.train_sizes,
+        args.repeats,
+        name_key="variant",
+        config_for=lambda variant, size, repeat: target_config(args, variant, size, repeat, prior),
+        runs_dir=args.out / "runs",
+        samples=args.samples,
+        after_each=lambda rows: write_results(args.out, rows),
+        desc="transfer runs",
+        progress=not args.no_progress,
+    )
     print((args.out / "dice.md").read_text())
     print(f"results in {args.out}/ (results.csv, dice.md, iou.md, plot)", file=sys.stderr)
     return 0

@@ -22,9 +22,10 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="IProgress not found")
     import tqdm.auto  # noqa: F401
 
-from experiments import train
-from experiments.configs import get_config
+from experiments.configs import get_config, with_overrides
 from vi_seg_jax.data.synthetic import write_dataset
+from vi_seg_jax.train.config import TrainConfig
+from vi_seg_jax.train.loop import train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_START_RUN = REPO / "runs" / "unet-vi-quick-seed0"
@@ -33,17 +34,6 @@ DEFAULT_TRAIN_SIZE = get_config("unet", "quick").data.train_size
 
 # Small cases on a coarse grid (7.5 × 7.5 × 6.5 mm voxels): generated in a fraction of a second.
 TINY_SHAPE = (32, 32, 24)
-# A tiny 3D U-Net and a short schedule: compilation, not training, takes most of the time.
-TINY_TRAIN = [
-    "--features", "4", "8", "8", "16",
-    "--patch", "16", "16", "16",
-    "--batch-size", "2",
-    "--steps-per-epoch", "10",
-    "--steps", "20",
-    "--validation-samples", "2",
-    "--no-progress",
-    "--no-tensorboard",
-]  # fmt: skip
 # Posterior samples per case and sliding-window size for the tiny runs.
 TINY_SAMPLES = 4
 TINY_WINDOW = 32
@@ -68,30 +58,37 @@ def tiny_dataset(
     return folder
 
 
-def train_tiny(
+def tiny_config(
     data_dir: str | Path,
-    workdir: str | Path,
     *,
     train_size: int = 2,
     test_size: int = 2,
     validation_size: int = 1,
     seed: int = 0,
-) -> Path:
-    """Trains a tiny Bayesian U-Net on `data_dir` into `workdir` (reused when already there)."""
+) -> TrainConfig:
+    """A tiny 3D U-Net and a short schedule on `data_dir`: compilation, not training, takes
+    most of the time."""
+    return with_overrides(
+        get_config("unet", "quick"),
+        backbone={"features": (4, 8, 8, 16)},
+        data={
+            "data_dir": str(Path(data_dir).absolute()),
+            "train_size": train_size,
+            "test_size": test_size,
+            "validation_size": validation_size,
+            "patch_shape": (16, 16, 16),
+            "batch_size": 2,
+        },
+        schedule={"steps_per_epoch": 10, "steps": 20, "validation_samples": 2},
+        seed=seed,
+    )
+
+
+def train_tiny(config: TrainConfig, workdir: str | Path) -> Path:
+    """Trains `config` (`tiny_config`) into `workdir`, unless already there."""
     workdir = Path(workdir)
-    if (workdir / "summary.json").is_file():
-        return workdir
-    argv = [
-        "--data-dir", str(data_dir),
-        "--workdir", str(workdir),
-        "--train-size", str(train_size),
-        "--test-size", str(test_size),
-        "--validation-size", str(validation_size),
-        "--seed", str(seed),
-        *TINY_TRAIN,
-    ]  # fmt: skip
-    if train.main(argv) != 0:
-        raise RuntimeError(f"training into {workdir} failed")
+    if not (workdir / "summary.json").is_file():
+        train_and_evaluate(config, workdir, progress=False, tensorboard=False)
     return workdir
 
 
@@ -99,17 +96,18 @@ def make_tiny_run(folder: str | Path) -> Path:
     """Tiny data (5 cases: 2 train, 1 validation, 2 test) and a tiny run trained on it."""
     folder = Path(folder)
     data = tiny_dataset(folder / "data")
-    return train_tiny(data, folder / "run")
+    return train_tiny(tiny_config(data), folder / "run")
 
 
-def _train_quick_preset(workdir: Path, *extra: str) -> Path:
-    """`python -m experiments.train --backbone unet` into `workdir`, unless already finished."""
+def _train_quick_preset(workdir: Path, train_size: int | None = None) -> Path:
+    """`python -m experiments.train --backbone unet [--train-size N]` into `workdir`, unless
+    already finished."""
     if not (workdir / "summary.json").is_file():
+        config = get_config("unet", "quick")
+        if train_size:
+            config = with_overrides(config, data={"train_size": train_size})
         # An interrupted run continues from its last checkpoint.
-        resume = ["--resume"] if (workdir / "checkpoints").is_dir() else []
-        argv = ["--backbone", "unet", "--workdir", str(workdir), *extra, *resume]
-        if train.main(argv) != 0:
-            raise RuntimeError(f"training into {workdir} failed")
+        train_and_evaluate(config, workdir, resume=(workdir / "checkpoints").is_dir())
     return workdir
 
 
@@ -127,11 +125,12 @@ def train_size_run(quick: bool, folder: str | Path, train_size: int) -> Path:
     folder = Path(folder)
     if quick:
         data = tiny_dataset(folder / "data")
-        return train_tiny(data, folder / f"train-size-{train_size}", train_size=train_size)
+        config = tiny_config(data, train_size=train_size)
+        return train_tiny(config, folder / f"train-size-{train_size}")
     if train_size == DEFAULT_TRAIN_SIZE:
         return quick_start_run()
     workdir = folder / f"unet-vi-quick-train{train_size}-seed0"
-    return _train_quick_preset(workdir, "--train-size", str(train_size))
+    return _train_quick_preset(workdir, train_size)
 
 
 def get_run(quick: bool, folder: str | Path) -> Path:

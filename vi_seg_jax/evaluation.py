@@ -11,6 +11,9 @@ and the QU-BraTS 2020 score of the `_unc_<region>` maps (the official scorer's d
 modality is non-zero, except for QU-BraTS, which takes T1 > 0 when the case has a T1: the
 mask the official scorer uses when given the T1 image, its documented stand-in for a brain
 mask, so that its numbers and these agree.
+
+`evaluate_folder` scores every case of a folder and writes the per-case table, the summary
+and the plots; `experiments.evaluate` is its command line.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from tqdm.auto import tqdm
 
-from vi_seg_jax.data.conventions import REGION_NAMES, regions_from_classes
-from vi_seg_jax.data.discovery import CaseFiles
+from vi_seg_jax.data.conventions import regions_from_classes
+from vi_seg_jax.data.discovery import CaseFiles, discover_cases
 from vi_seg_jax.data.loading import load_case
 from vi_seg_jax.data.preprocess import brain_mask
 from vi_seg_jax.errors import DataError
-from vi_seg_jax.io.folders import write_csv_atomic
+from vi_seg_jax.io.folders import write_csv_atomic, write_json_atomic, write_text_atomic
 from vi_seg_jax.io.nifti import read_nifti
 from vi_seg_jax.metrics import (
     CalibrationBins,
@@ -42,6 +46,7 @@ from vi_seg_jax.metrics import (
     negative_log_likelihood,
     qubrats,
 )
+from vi_seg_jax.task import get_task
 
 METRICS = (
     "dice",
@@ -58,9 +63,50 @@ METRICS = (
 )
 
 
+# The record of a prediction folder, rewritten after each case by `predict.predict_folder`.
+PREDICTION_FILE = "prediction.json"
+
+
+def prediction_record(
+    *,
+    checkpoint: str | Path,
+    input_dir: str | Path,
+    step: int,
+    task: str,
+    settings: dict,
+    devices: int,
+    temperature: dict[str, float],
+    cases: list[str],
+) -> dict[str, Any]:
+    """The fields of `prediction.json` (`PredictionRun.read` reads them back).
+
+    Args:
+      checkpoint: the training workdir predicted with.
+      input_dir: the case folder or dataset the cases came from (recorded absolute).
+      step: the checkpoint step.
+      task: `"wt"` or `"regions"`.
+      settings: `Predictor.settings()`: samples, window and overlap.
+      devices: devices the Monte Carlo samples were spread over.
+      temperature: region -> temperature applied (1.0: none).
+      cases: ids of the cases written so far, in order.
+    """
+    return {
+        "checkpoint": str(checkpoint),
+        "input": str(Path(input_dir).absolute()),
+        "step": step,
+        "task": task,
+        "samples": settings["samples"],
+        "window": settings["window"],
+        "overlap": settings["overlap"],
+        "devices": devices,
+        "temperature": dict(temperature),
+        "cases": list(cases),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictionRun:
-    """What `experiments.predict` recorded in `prediction.json`."""
+    """What `predict.predict_folder` recorded in `prediction.json` (`prediction_record`)."""
 
     folder: Path
     input: Path
@@ -70,7 +116,7 @@ class PredictionRun:
 
     @property
     def regions(self) -> tuple[str, ...]:
-        return ("wt",) if self.task == "wt" else REGION_NAMES
+        return get_task(self.task).regions
 
     @property
     def calibrated(self) -> bool:
@@ -80,9 +126,9 @@ class PredictionRun:
     @classmethod
     def read(cls, folder: str | Path) -> PredictionRun:
         folder = Path(folder)
-        record_path = folder / "prediction.json"
+        record_path = folder / PREDICTION_FILE
         if not record_path.is_file():
-            raise DataError(folder, "not a prediction folder (no prediction.json)")
+            raise DataError(folder, f"not a prediction folder (no {PREDICTION_FILE})")
         record = json.loads(record_path.read_text())
         return cls(
             folder,
@@ -124,10 +170,7 @@ def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
     qubrats_brain = volumes.image[..., modalities.index("t1")] > 0 if "t1" in modalities else brain
     truth = regions_from_classes(volumes.label)
     seg = _read_on_grid(run.path(case.case_id, "seg"), shape).astype(np.int16)
-    if run.task == "wt":
-        predicted = (seg > 0)[..., None]
-    else:
-        predicted = regions_from_classes(case.convention.to_canonical(seg))
+    predicted = get_task(run.task).predicted_regions(seg, case.convention)
     probs = _read_on_grid(run.path(case.case_id, "prob"), shape).reshape(*shape, -1)
     uncalibrated = probs
     if run.calibrated:
@@ -232,3 +275,69 @@ def markdown_table(summary: dict[str, Any], regions: tuple[str, ...]) -> str:
             cells.append(f"{scale * stats['mean']:.3g} ± {scale * stats['std']:.2g}")
         lines.append(f"| {region.upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def evaluate_folder(
+    run: PredictionRun,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Scores every case of a prediction folder and writes the evaluation files.
+
+    Writes to `out_dir` (created): `cases.csv` (one row per case, `<region>_<metric>`
+    columns), `summary.json` (`summarize`), `summary.md` (`markdown_table`),
+    `reliability.png` (pooled bins before and after the temperature) and
+    `qubrats_curves.png` (mean QU-BraTS filtering curves).
+
+    Args:
+      run: the prediction folder (`PredictionRun.read`).
+      out_dir: the output folder.
+      data_dir: the dataset holding the ground truth; None: the input `run` recorded.
+      progress: show a progress bar over the cases.
+
+    Returns:
+      The summary written to `summary.json`: region -> metric -> mean, std, n.
+
+    Raises:
+      DataError: a predicted case without ground truth in `data_dir`, or no cases.
+    """
+    from vi_seg_jax.plots import qubrats_figure, reliability_figure
+
+    data_dir = data_dir or run.input
+    out_dir = Path(out_dir)
+    dataset = discover_cases(data_dir, require_labels=True)
+    by_id = {case.case_id: case for case in dataset.cases}
+    missing = [c for c in run.case_ids if c not in by_id]
+    if missing:
+        raise DataError(data_dir, f"has no ground truth for predicted case(s) {missing}")
+    if not run.case_ids:
+        raise DataError(run.folder, "holds no predicted cases")
+    scores = [
+        evaluate_case(run, by_id[case_id])
+        for case_id in tqdm(
+            run.case_ids, desc="evaluating", unit="case", disable=None if progress else True
+        )
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    regions = run.regions
+    write_cases_csv(out_dir / "cases.csv", scores, regions)
+    summary = summarize(scores, regions)
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "summary.md", markdown_table(summary, regions) + "\n")
+    reliability_figure(
+        out_dir / "reliability.png",
+        {
+            f"{region} {when}": pool_bins([s.bins[region][when] for s in scores])
+            for region in regions
+            for when in ("before", "after")
+        },
+        title=f"{len(scores)} case(s), inside the brain mask",
+    )
+    qubrats_figure(
+        out_dir / "qubrats_curves.png",
+        {region: mean_curves([s.curves[region] for s in scores]) for region in regions},
+        title=f"QU-BraTS filtering curves, mean of {len(scores)} case(s)",
+    )
+    return summary

@@ -7,7 +7,10 @@ fits them on validation cases with the `Predictor` settings that prediction uses
 windows), so the temperature calibrates the very predictive it is applied to. `predict_case` runs
 T posterior samples over the whole preprocessed volume (Gaussian sliding windows, one
 network per sample for every tile, a key fixed by the seed and the case id) and maps every
-output back onto the case's original grid. `write_case` writes the files.
+output back onto the case's original grid. `write_case` writes the files. `predict_folder`
+predicts a case folder, a dataset or one of the run's splits into an output folder and
+records what it did in `prediction.json` (`evaluation.prediction_record`, read back by
+`evaluation.PredictionRun`); `experiments.predict` is its command line.
 
 Which predictive each output describes, per region (WT for `task="wt"`; WT, TC, ET for
 `task="regions"`), with p̄ the Monte Carlo mean of the samples and T the temperature:
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -44,14 +48,16 @@ from vi_seg_jax.calibration import (
 )
 from vi_seg_jax.checkpoint import checkpoint_manager, read_meta, restore_checkpoint
 from vi_seg_jax.data.cache import PreparedCase
-from vi_seg_jax.data.conventions import classes_from_regions
-from vi_seg_jax.data.discovery import CaseFiles
+from vi_seg_jax.data.discovery import CaseFiles, discover_cases
 from vi_seg_jax.data.loading import load_case
 from vi_seg_jax.data.preprocess import preprocess, to_original_grid
 from vi_seg_jax.errors import DataError, first_line
+from vi_seg_jax.evaluation import PREDICTION_FILE, prediction_record
 from vi_seg_jax.inference import WindowConfig, volume_sample_fn
+from vi_seg_jax.io.folders import write_json_atomic
 from vi_seg_jax.io.nifti import read_nifti_header, write_nifti
-from vi_seg_jax.parallel import batch_sharded, replicated
+from vi_seg_jax.parallel import batch_sharded, is_primary, replicated
+from vi_seg_jax.task import get_task
 from vi_seg_jax.train.build import backbone_multiple, build_spec, preprocess_config_for
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
@@ -193,6 +199,7 @@ class CasePrediction:
         aleatoric + epistemic = p̄(1 − p̄) of `uncalibrated`.
       mutual_information: [X, Y, Z] epistemic entropy part (nats).
       image: [X, Y, Z, C] the input; truth: [X, Y, Z] canonical classes or None.
+      task: the run's task (`vi_seg_jax.task`), which decides how labels are written.
     """
 
     case: CaseFiles
@@ -207,6 +214,7 @@ class CasePrediction:
     truth: np.ndarray | None
     affine: np.ndarray
     reference: Path
+    task: str = "wt"
 
 
 class Predictor:
@@ -323,34 +331,31 @@ class Predictor:
         return self._to_case(case, volumes, prepared.mapping, out)
 
     def _to_case(self, case, volumes, mapping, out: Predictive) -> CasePrediction:
-        task, names = self.model.task, self.model.regions
+        task, names = get_task(self.model.task), self.model.regions
         temperatures = np.array([self.model.temperatures.get(r, 1.0) for r in names])
-        mean = region_probabilities(out.mean, task)
+        mean = task.region_probabilities(np.asarray(out.mean, np.float32))
         calibrated = bool(np.any(temperatures != 1.0))
         probs = apply_temperature(mean, temperatures) if calibrated else mean
-        foreground = slice(1, 2) if task == "wt" else slice(None)
 
         def original(array, fill=0):
             return to_original_grid(np.asarray(array), mapping, fill=fill)
 
         probabilities = original(probs)
-        if task == "wt":
-            labels = (probabilities[..., 0] > 0.5).astype(np.uint8)
-        else:
-            labels = classes_from_regions(probabilities > 0.5)
+        labels = task.labels(probabilities > 0.5)
         return CasePrediction(
             case=case,
             labels=labels,
             probabilities=probabilities,
             uncalibrated=original(mean) if calibrated else None,
             uncertainty=qubrats_uncertainty(probabilities),
-            aleatoric=original(out.aleatoric[..., foreground]),
-            epistemic=original(out.epistemic[..., foreground]),
+            aleatoric=original(task.region_probabilities(np.asarray(out.aleatoric))),
+            epistemic=original(task.region_probabilities(np.asarray(out.epistemic))),
             mutual_information=original(out.mutual_information),
             image=volumes.image,
             truth=volumes.label,
             affine=volumes.affine,
             reference=volumes.reference,
+            task=task.name,
         )
 
 
@@ -406,9 +411,8 @@ def write_case(out_dir: str | Path, prediction: CasePrediction, regions: tuple[s
     def squeeze(array):  # one region: a 3D map, several: [X, Y, Z, R]
         return array[..., 0] if array.shape[-1] == 1 else array
 
-    labels = prediction.labels
-    if len(regions) > 1:
-        labels = prediction.case.convention.from_canonical(labels)
+    task = get_task(prediction.task)
+    labels = task.release_labels(prediction.labels, prediction.case.convention)
     write_nifti(paths["seg"], labels, affine=affine, header=header, kind="label")
     for r, region in enumerate(regions):
         write_nifti(
@@ -438,3 +442,92 @@ def write_case(out_dir: str | Path, prediction: CasePrediction, regions: tuple[s
         title=f"{prediction.case.case_id}",
     )
     return paths
+
+
+def predict_folder(
+    predictor: Predictor,
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    split: str | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Predicts a case folder, a dataset or one of the run's splits into `out_dir`.
+
+    Each case's files are written by `write_case` as soon as it is predicted, and
+    `prediction.json` is rewritten after each case, so that an interrupted run leaves a
+    folder that `evaluation.PredictionRun` reads. With several processes, process 0 writes.
+    When the temperatures were fitted with other predictor settings than these, a note says
+    so on stderr (they are applied all the same).
+
+    Args:
+      predictor: the run (`load_trained`) with the samples, windows and devices to use.
+      out_dir: the output folder (created).
+      data_dir: one case folder or a dataset; None: the run's dataset (needs `split`).
+      split: `"test"` or `"validation"`: only the run's cases of that split (its
+        `splits.json`).
+      skip_bad: warn about and skip invalid cases instead of raising.
+      progress: progress bars over the cases and each case's samples.
+
+    Returns:
+      The record written to `prediction.json` (`evaluation.prediction_record`).
+
+    Raises:
+      DataError: no case to predict, or an invalid case (without `skip_bad`).
+      ValueError: neither `data_dir` nor `split` given.
+    """
+    model = predictor.model
+    data_dir, cases = _cases_to_predict(model, data_dir, split, skip_bad)
+    out_dir = Path(out_dir)
+    primary = is_primary()
+    calibrated_with = model.calibrated_with
+    if calibrated_with and calibrated_with != predictor.settings() and primary:
+        print(
+            f"note: the temperatures were fitted with {calibrated_with}; this run uses "
+            f"{predictor.settings()}, so they may calibrate it less well",
+            file=sys.stderr,
+        )
+    if primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    record = prediction_record(
+        checkpoint=model.workdir,
+        input_dir=data_dir,
+        step=model.step,
+        task=model.task,
+        settings=predictor.settings(),
+        devices=predictor.devices,
+        temperature={r: model.temperatures.get(r, 1.0) for r in model.regions},
+        cases=[],
+    )
+    progress = progress and primary
+    for case in tqdm(cases, desc="cases", unit="case", disable=None if progress else True):
+        prediction = predictor.predict_case(case, progress=progress)
+        record["cases"].append(case.case_id)
+        if primary:
+            write_case(out_dir, prediction, model.regions)
+            write_json_atomic(out_dir / PREDICTION_FILE, record)
+    return record
+
+
+def _cases_to_predict(
+    model: TrainedModel, data_dir: str | Path | None, split: str | None, skip_bad: bool
+) -> tuple[Path, list[CaseFiles]]:
+    """The folder predicted from and its cases: all, or those of the run's `split`."""
+    if data_dir is None and split is None:
+        raise ValueError("give data_dir, split, or both")
+    wanted = None
+    if split is not None:
+        splits = read_splits(model.workdir)
+        data_dir = data_dir or Path(splits["root"])
+        wanted = set(splits[split])
+    dataset = discover_cases(
+        data_dir,
+        modalities=model.config.data.modalities,
+        require_labels=False,
+        skip_bad=skip_bad,
+    )
+    cases = [c for c in dataset.cases if wanted is None or c.case_id in wanted]
+    if not cases:
+        raise DataError(Path(data_dir), f"holds none of the run's {split} cases")
+    return Path(data_dir), cases

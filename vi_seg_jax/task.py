@@ -73,6 +73,14 @@ class Task:
         """Thresholded regions [..., R] (bool) -> the label map this task predicts."""
         raise NotImplementedError
 
+    def release_labels(self, labels: np.ndarray, convention) -> np.ndarray:
+        """`labels` as written to a `_seg` file of a dataset with this label `convention`."""
+        return convention.from_canonical(labels)
+
+    def predicted_regions(self, seg: np.ndarray, convention) -> np.ndarray:
+        """A written `_seg` map -> its regions [..., R] (bool); inverse of `release_labels`."""
+        return regions_from_classes(convention.to_canonical(seg))[..., : len(self.regions)]
+
     def whole_tumour(self, probs):
         """P(whole tumour) [...] from per-output probabilities [..., K]."""
         return self.region_probabilities(probs)[..., 0]
@@ -106,6 +114,12 @@ class WholeTumour(Task):
 
     def labels(self, region_masks):
         return np.asarray(region_masks[..., 0], np.uint8)
+
+    def release_labels(self, labels, convention):
+        return labels  # a 0/1 whole-tumour mask in every release
+
+    def predicted_regions(self, seg, convention):
+        return (seg > 0)[..., None]
 
 
 class Regions(Task):
