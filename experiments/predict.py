@@ -10,7 +10,8 @@ Per case, on the source grid with the source affine (opens in 3D Slicer / ITK-SN
 <case>_aleatoric / _epistemic / _prob.nii.gz (float maps; _prob_uncalibrated too when a
 temperature is applied) and <case>_overview.png. `OUT/prediction.json` records the
 checkpoint, step, samples, windows and temperatures used. The temperatures were fitted with
-the default samples and windows; other settings are allowed, with a note.
+the default samples and windows; other settings are allowed, with a note. `--continue`
+picks up an interrupted run: cases already written in full with the same settings are kept.
 
 The Monte Carlo samples of a case are spread over all devices (`--devices N` for fewer);
 the maps equal one device's up to float rounding. Multi-process runs take the flags of
@@ -52,6 +53,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--tile-batch", type=int, default=1, help="tiles evaluated together")
     add("--chunk", type=int, default=1, help="samples evaluated together (memory grows with it)")
     add("--skip-bad", action="store_true", help="warn about and skip invalid cases")
+    add(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="keep the cases --out already holds in full from a run with the same checkpoint, "
+        "input and settings (its prediction.json), and predict only the rest",
+    )
     add("--no-progress", action="store_true", help="no progress bars")
     add_device_flags(parser)
     args = parser.parse_args(argv)
@@ -93,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split=args.split,
         skip_bad=args.skip_bad,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     print(
         f"{len(record['cases'])} case(s), {record['samples']} samples each, "

@@ -452,6 +452,7 @@ def predict_folder(
     split: str | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Predicts a case folder, a dataset or one of the run's splits into `out_dir`.
 
@@ -469,6 +470,9 @@ def predict_folder(
         `splits.json`).
       skip_bad: warn about and skip invalid cases instead of raising.
       progress: progress bars over the cases and each case's samples.
+      resume: keep the cases that `out_dir` already holds in full, made by the same
+        checkpoint, input, task, samples, windows and temperatures (its `prediction.json`
+        says so), and predict only the others; anything made otherwise is redone.
 
     Returns:
       The record written to `prediction.json` (`evaluation.prediction_record`).
@@ -500,14 +504,41 @@ def predict_folder(
         temperature={r: model.temperatures.get(r, 1.0) for r in model.regions},
         cases=[],
     )
+    finished = _finished_cases(out_dir, record, model) if resume else set()
+    if finished and primary:
+        print(f"continuing: {len(finished)} case(s) already predicted", file=sys.stderr)
     progress = progress and primary
     for case in tqdm(cases, desc="cases", unit="case", disable=None if progress else True):
+        if case.case_id in finished:
+            record["cases"].append(case.case_id)
+            continue
         prediction = predictor.predict_case(case, progress=progress)
         record["cases"].append(case.case_id)
         if primary:
             write_case(out_dir, prediction, model.regions)
             write_json_atomic(out_dir / PREDICTION_FILE, record)
     return record
+
+
+def _finished_cases(out_dir: Path, record: dict, model: TrainedModel) -> set[str]:
+    """Cases of an earlier run into `out_dir` with the same settings and all their files."""
+    try:
+        earlier = json.loads((out_dir / PREDICTION_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    # The device count changes only the order of float sums, not what was predicted.
+    same = all(earlier.get(k) == v for k, v in record.items() if k not in ("cases", "devices"))
+    if not same:
+        return set()
+    calibrated = any(t != 1.0 for t in record["temperature"].values())
+
+    def complete(case_id: str) -> bool:
+        paths = output_paths(out_dir, case_id, model.regions)
+        if not calibrated:
+            del paths["prob_uncalibrated"]
+        return all(path.is_file() for path in paths.values())
+
+    return {case_id for case_id in earlier.get("cases", []) if complete(case_id)}
 
 
 def _cases_to_predict(

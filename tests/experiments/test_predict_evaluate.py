@@ -276,3 +276,66 @@ def test_temperature_calibrates_what_predict_writes_and_every_map_says_which_pre
     with open(evaluation / "cases.csv") as handle:
         row = next(csv.DictReader(handle))
     assert float(row["wt_ece_uncalibrated"]) == pytest.approx(_numpy_ece(p, y), rel=1e-4)
+
+
+def test_an_interrupted_prediction_continues_where_it_stopped(wt_run, tmp_path, monkeypatch):
+    from vi_seg_jax.predict import Predictor, load_trained, predict_folder
+
+    data, workdir = wt_run
+    predictor = Predictor(load_trained(workdir), num_samples=2, window_size=16)
+    whole = tmp_path / "whole"
+    record = predict_folder(predictor, whole, data_dir=data, progress=False)
+    assert len(record["cases"]) == 4
+
+    predicted = []
+    real_predict_case = Predictor.predict_case
+
+    def counting(self, case, *, progress=True):
+        if len(predicted) == 2 and stop_after_two:
+            raise KeyboardInterrupt  # as a Ctrl-C or a kill between two cases
+        predicted.append(case.case_id)
+        return real_predict_case(self, case, progress=progress)
+
+    monkeypatch.setattr(Predictor, "predict_case", counting)
+    out = tmp_path / "out"
+    stop_after_two = True
+    with pytest.raises(KeyboardInterrupt):
+        predict_folder(predictor, out, data_dir=data, progress=False)
+    first = list(predicted)
+    assert json.loads((out / "prediction.json").read_text())["cases"] == first
+
+    predicted.clear()
+    stop_after_two = False
+    again = predict_folder(predictor, out, data_dir=data, progress=False, resume=True)
+    assert predicted == [c for c in record["cases"] if c not in first]  # only the rest
+    assert again == record
+    for path in sorted(whole.glob("*.nii.gz")):
+        np.testing.assert_array_equal(read_nifti(path).data, read_nifti(out / path.name).data)
+
+    # Other settings: nothing is kept.
+    predicted.clear()
+    other = Predictor(load_trained(workdir), num_samples=1, window_size=16)
+    predict_folder(other, out, data_dir=data, progress=False, resume=True)
+    assert predicted == record["cases"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_prediction_file_is_readable_as_the_umask_allows(wt_run, tmp_path, umask):
+    import os
+    import stat
+
+    from vi_seg_jax.predict import Predictor, load_trained, predict_folder
+
+    data, workdir = wt_run
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    old = os.umask(umask)
+    try:
+        predictor = Predictor(load_trained(workdir), num_samples=1, window_size=16)
+        predict_folder(predictor, tmp_path / "out", data_dir=case, progress=False)
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "out").iterdir())
+    kinds = {p.name.split(".", 1)[1] for p in files}
+    assert kinds == {"nii.gz", "png", "json"} and len(files) >= 7
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
