@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -117,6 +118,12 @@ def test_each_backbone_and_method_runs_end_to_end(
     assert summary["final_val_dice"] == summary["best_val_dice"] == result["val_dice"]
     config = json.loads((workdir / "config.json").read_text())
     assert config["backbone"]["name"] == backbone and config["method"]["method"] == method
+    # The run's files are readable as a plain open() under the umask would leave them.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in workdir.rglob("*"):
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
     if method == "deterministic":
         assert result["val_dice"] == pytest.approx(_validation_dice(workdir), abs=1e-12)
     # Five panels of 3.2 × 3.6 inches at 100 dpi.
