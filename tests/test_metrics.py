@@ -2,21 +2,28 @@ import math
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 from scipy.spatial.distance import cdist
 
 from vi_seg_jax import metrics
 from vi_seg_jax.metrics import (
     HD95_CAP,
+    UEO_THRESHOLDS,
+    best_uncertainty_error_overlap,
     brier_score,
     calibration_bins,
     dice,
+    error_detection_auroc,
     expected_calibration_error,
     hd95,
     iou,
+    mean_uncertainty,
     negative_log_likelihood,
     qubrats,
+    spearman_correlation,
     surface,
+    uncertainty_error_overlap,
+    uncertainty_error_overlap_curve,
 )
 
 
@@ -380,3 +387,197 @@ def test_qubrats_rejects_bad_inputs():
         qubrats(prediction, truth, np.zeros((2, 3)))
     with pytest.raises(ValueError, match="at least 2"):
         qubrats(prediction, truth, np.zeros((3, 3)), num_thresholds=1)
+
+
+# --- Uncertainty against errors ----------------------------------------------------------------
+
+
+def _pairwise_auroc(uncertainty, error):
+    """AUROC by counting every (error, correct) pair: 1 if the error is more uncertain, ½ a tie."""
+    errors, correct = uncertainty[error].tolist(), uncertainty[~error].tolist()
+    wins = sum((u_e > u_c) + 0.5 * (u_e == u_c) for u_e in errors for u_c in correct)
+    return wins / (len(errors) * len(correct))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_matches_the_pairwise_count_with_ties_and_a_mask(seed):
+    rng = np.random.default_rng(200 + seed)
+    shape = (6, 7, 5)
+    truth = rng.random(shape) < 0.3
+    prediction = truth ^ (rng.random(shape) < rng.uniform(0.05, 0.5))
+    # Few distinct values, so that many errors tie with correct voxels (and with each other).
+    uncertainty = rng.integers(0, 4 + seed, shape).astype(np.float32) / 3
+    uncertainty[prediction != truth] += rng.integers(0, 2, int((prediction != truth).sum()))
+    brain = rng.random(shape) > 0.2
+    error = (prediction != truth)[brain]
+    want = _pairwise_auroc(uncertainty[brain].astype(np.float64), error)
+    got = error_detection_auroc(uncertainty, prediction, truth, brain)
+    assert got == pytest.approx(want, rel=1e-12)
+    # The Mann–Whitney U statistic of scipy gives the same area.
+    u = stats.mannwhitneyu(uncertainty[brain][error], uncertainty[brain][~error]).statistic
+    assert got == pytest.approx(u / (error.sum() * (~error).sum()), rel=1e-12)
+    # No mask: the whole volume.
+    whole = _pairwise_auroc(uncertainty.astype(np.float64).ravel(), (prediction != truth).ravel())
+    assert error_detection_auroc(uncertainty, prediction, truth) == pytest.approx(whole)
+
+
+def test_auroc_perfect_reversed_and_random_uncertainty():
+    rng = np.random.default_rng(11)
+    truth = rng.random((40, 50, 10)) < 0.4
+    prediction = truth ^ (rng.random(truth.shape) < 0.1)
+    error = prediction != truth
+    assert error_detection_auroc(error.astype(float), prediction, truth) == 1.0
+    assert error_detection_auroc(1.0 - error, prediction, truth) == 0.0
+    # Constant uncertainty ties everything: ½ exactly.
+    assert error_detection_auroc(np.zeros(truth.shape), prediction, truth) == 0.5
+    random = error_detection_auroc(rng.random(truth.shape), prediction, truth)
+    assert random == pytest.approx(0.5, abs=0.02)
+    # Only the order matters: a monotone transform leaves the AUROC unchanged.
+    u = rng.random(truth.shape) + error
+    assert error_detection_auroc(np.exp(3 * u), prediction, truth) == pytest.approx(
+        error_detection_auroc(u, prediction, truth), abs=1e-15
+    )
+
+
+def test_auroc_is_nan_without_errors_or_without_correct_voxels():
+    rng = np.random.default_rng(12)
+    truth = rng.random((5, 6)) < 0.5
+    u = rng.random(truth.shape)
+    assert math.isnan(error_detection_auroc(u, truth, truth))
+    assert math.isnan(error_detection_auroc(u, ~truth, truth))
+    # Errors only outside the brain count as none.
+    prediction = truth.copy()
+    prediction[0, 0] = ~prediction[0, 0]
+    brain = np.ones(truth.shape, bool)
+    brain[0, 0] = False
+    assert math.isnan(error_detection_auroc(u, prediction, truth, brain))
+    assert math.isnan(error_detection_auroc(u, prediction, truth, np.zeros(truth.shape, bool)))
+
+
+def test_uncertainty_error_metrics_reject_bad_inputs():
+    a = np.zeros((3, 3), bool)
+    with pytest.raises(ValueError, match="truth shape"):
+        error_detection_auroc(np.zeros((3, 3)), a, a[:2])
+    with pytest.raises(ValueError, match="mask shape"):
+        uncertainty_error_overlap(np.zeros((3, 3)), a, a, 0.5, mask=a[:2])
+    with pytest.raises(ValueError, match="finite"):
+        error_detection_auroc(np.full((3, 3), np.nan), a, a)
+    with pytest.raises(ValueError, match="1-D"):
+        uncertainty_error_overlap_curve(np.zeros((3, 3)), a, a, thresholds=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"\[T\] or \[N, T\]"):
+        best_uncertainty_error_overlap(np.zeros((2, 3)), thresholds=(0.1, 0.2))
+    with pytest.raises(ValueError, match="no curves"):
+        best_uncertainty_error_overlap(np.zeros((0, 2)), thresholds=(0.1, 0.2))
+    with pytest.raises(ValueError, match="mask shape"):
+        mean_uncertainty(np.zeros((3, 3)), a[:2])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ueo_matches_a_direct_dice(seed):
+    rng = np.random.default_rng(300 + seed)
+    shape = (8, 9, 7)
+    truth = rng.random(shape) < 0.3
+    prediction = truth ^ (rng.random(shape) < 0.15)
+    error = prediction != truth
+    # Normalised uncertainty, higher on errors; some values exactly on a grid threshold.
+    uncertainty = np.clip(rng.random(shape) * 0.7 + 0.3 * error, 0, 1)
+    uncertainty.ravel()[:20] = rng.choice(UEO_THRESHOLDS, 20)
+    brain = rng.random(shape) > 0.25
+    curve = uncertainty_error_overlap_curve(uncertainty, prediction, truth, mask=brain)
+    assert curve.shape == (len(UEO_THRESHOLDS),)
+    for t, got in zip(UEO_THRESHOLDS, curve, strict=True):
+        uncertain = uncertainty[brain] > t  # strictly above t is "uncertain"
+        want = dice(uncertain, error[brain])
+        assert got == pytest.approx(want, rel=1e-12)
+        assert uncertainty_error_overlap(uncertainty, prediction, truth, t, brain) == got
+        # As a set formula, 2 |E ∩ U| / (|E| + |U|).
+        e_set = set(np.flatnonzero(error & brain))
+        u_set = set(np.flatnonzero((uncertainty > t) & brain))
+        assert got == pytest.approx(2 * len(e_set & u_set) / (len(e_set) + len(u_set)))
+    whole = [dice(uncertainty > t, error) for t in UEO_THRESHOLDS]
+    np.testing.assert_allclose(
+        uncertainty_error_overlap_curve(uncertainty, prediction, truth), whole, rtol=1e-12
+    )
+
+
+def test_ueo_closed_forms():
+    rng = np.random.default_rng(13)
+    truth = rng.random((10, 10)) < 0.4
+    prediction = truth ^ (rng.random(truth.shape) < 0.2)
+    error = prediction != truth
+    # The error indicator itself overlaps perfectly at any t in [0, 1).
+    assert uncertainty_error_overlap(error.astype(float), prediction, truth, 0.5) == 1.0
+    # Nothing uncertain: Dice 0 while there are errors; no errors either: 1 by convention.
+    assert uncertainty_error_overlap(np.zeros(truth.shape), prediction, truth, 0.5) == 0.0
+    assert uncertainty_error_overlap(np.zeros(truth.shape), truth, truth, 0.5) == 1.0
+    # Everything uncertain: 2|E| / (|E| + n).
+    everything = uncertainty_error_overlap(np.ones(truth.shape), prediction, truth, 0.5)
+    assert everything == pytest.approx(2 * error.sum() / (error.sum() + error.size))
+
+
+def test_best_ueo_per_case_and_over_cases():
+    thresholds = (0.1, 0.5, 0.9)
+    one = np.array([0.2, 0.7, 0.7])
+    assert best_uncertainty_error_overlap(one, thresholds) == (0.5, 0.7)  # first maximum
+    cases = np.array([[0.9, 0.1, 0.0], [0.0, 0.6, 0.5], [0.0, 0.5, 0.4]])
+    # Per case the maxima are at 0.1, 0.5, 0.5; the mean curve (0.3, 0.4, 0.3) peaks at 0.5.
+    best = best_uncertainty_error_overlap(cases, thresholds)
+    assert best.threshold == 0.5 and best.ueo == pytest.approx(0.4)
+    # End to end on the default grid.
+    rng = np.random.default_rng(14)
+    truth = rng.random((6, 6, 6)) < 0.3
+    prediction = truth ^ (rng.random(truth.shape) < 0.2)
+    u = np.clip(rng.random(truth.shape) * 0.5 + 0.5 * (prediction != truth), 0, 1)
+    curve = uncertainty_error_overlap_curve(u, prediction, truth)
+    got = best_uncertainty_error_overlap(curve)
+    assert got.ueo == curve.max() and got.threshold == UEO_THRESHOLDS[int(curve.argmax())]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spearman_matches_scipy_with_ties(seed):
+    rng = np.random.default_rng(400 + seed)
+    n = 5 + 7 * seed
+    x = rng.integers(0, 4, n).astype(float)  # many ties
+    y = 0.5 * x + rng.normal(size=n)
+    if seed % 2:
+        y = np.round(y)
+    want = stats.spearmanr(x, y).statistic
+    assert spearman_correlation(x, y) == pytest.approx(want, rel=1e-12, abs=1e-14)
+    assert spearman_correlation(x, -y) == pytest.approx(-want, rel=1e-12, abs=1e-14)
+
+
+def test_spearman_closed_forms_and_undefined_cases():
+    x = np.array([0.1, 0.4, 0.2, 0.9])
+    assert spearman_correlation(x, np.exp(x)) == 1.0
+    assert spearman_correlation(x, -(x**3)) == -1.0
+    assert math.isnan(spearman_correlation(x, np.ones(4)))  # constant: undefined
+    assert math.isnan(spearman_correlation(x[:1], x[:1]))
+    with pytest.raises(ValueError, match="1-D"):
+        spearman_correlation(x, x[:3])
+    with pytest.raises(ValueError, match="finite"):
+        spearman_correlation(np.array([0.0, np.nan]), np.array([0.0, 1.0]))
+
+
+def test_mean_uncertainty_and_case_level_failure_detection():
+    rng = np.random.default_rng(15)
+    u = rng.random((5, 6, 7)).astype(np.float32)
+    brain = rng.random(u.shape) > 0.5
+    assert mean_uncertainty(u, brain) == pytest.approx(u[brain].astype(np.float64).mean())
+    assert mean_uncertainty(u, None) == pytest.approx(u.astype(np.float64).mean())
+    assert math.isnan(mean_uncertainty(u, np.zeros(u.shape, bool)))
+    # Cases whose uncertainty rises as their Dice falls: ρ = −1.
+    cases = [(u * s, 1.0 - 0.1 * s) for s in (0.5, 1.0, 2.0, 3.0)]
+    scores = [mean_uncertainty(case_u, brain) for case_u, _ in cases]
+    assert spearman_correlation(scores, [d for _, d in cases]) == pytest.approx(-1.0)
+
+
+def test_brier_and_nll_match_plain_numpy():
+    rng = np.random.default_rng(16)
+    p = rng.random((6, 7, 8)).astype(np.float32)
+    y = rng.random(p.shape) < p
+    brain = rng.random(p.shape) > 0.3
+    p64, y64 = p[brain].astype(np.float64), y[brain].astype(np.float64)
+    assert brier_score(p, y, brain) == pytest.approx(np.mean((p64 - y64) ** 2), rel=1e-12)
+    clipped = np.clip(p64, 1e-7, 1 - 1e-7)
+    nll = -np.mean(y64 * np.log(clipped) + (1 - y64) * np.log(1 - clipped))
+    assert negative_log_likelihood(p, y, brain) == pytest.approx(nll, rel=1e-12)

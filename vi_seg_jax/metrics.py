@@ -32,6 +32,28 @@ FTN = (TN_all − TN_kept) / TN_all, true positives and true negatives both coun
 at every τ; the official scorer divides by count + float32 eps instead, which gives 0 there
 too and otherwise differs by at most about 1e-7 relative. AUCs are trapezoids over
 x = τ / 100 from 0 to 1, and the score is (AUC_Dice + (1 − AUC_FTP) + (1 − AUC_FTN)) / 3.
+
+Uncertainty against errors (does the uncertainty point at the misclassified voxels?). The error
+mask is ``prediction != truth`` inside ``mask`` (the brain). Every function here takes one
+region's arrays (e.g. the whole-tumour masks and an uncertainty map for that region), so the
+BraTS regions (WT, TC, ET) are scored one at a time by calling it once per region.
+
+- Error-detection AUROC: the uncertainty as a score separating erroneous from correct voxels,
+  AUROC = P(u_err > u_ok) + ½ P(u_err = u_ok), i.e. the Mann–Whitney U statistic over
+  n_err · n_ok (Hanley & McNeil 1982, "The meaning and use of the area under a receiver
+  operating characteristic (ROC) curve", Radiology 143). Ties count ½, exactly as average
+  ranks do. NaN when there are no errors or no correct voxels (the AUROC is undefined).
+- Uncertainty–error overlap, UEO (Jungo & Reyes 2019, "Assessing reliability and challenges of
+  uncertainty estimations for medical image segmentation", MICCAI 2019): the Dice between the
+  error mask and the binarised uncertainty ``uncertainty > t``, both restricted to ``mask``;
+  no errors and nothing uncertain is a perfect match (1.0, the ``dice`` convention and the
+  paper's code's). The paper normalises the uncertainty to [0, 1] (entropy / log C), scores
+  t ∈ ``UEO_THRESHOLDS`` (0.05, 0.1, 0.2, ..., 0.9, 0.95) and reports, per method, the mean
+  UEO over cases at the one threshold that maximises that mean
+  (``best_uncertainty_error_overlap`` on the stacked per-case curves).
+- Case-level failure detection: ``spearman_correlation`` of a per-case score (e.g.
+  ``mean_uncertainty`` in the brain) against the case's Dice; a good uncertainty gives a
+  strongly negative ρ.
 """
 
 from __future__ import annotations
@@ -40,7 +62,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 HD95_CAP = 373.13
 # Voxels per chunk when streaming a volume through the calibration sums: bounds temporaries.
@@ -328,3 +350,202 @@ def qubrats(
     ftn_auc = _threshold_auc(thresholds, ftn)
     score = (dice_auc + (1.0 - ftp_auc) + (1.0 - ftn_auc)) / 3.0
     return QUBraTS(thresholds, dice_curve, ftp, ftn, dice_auc, ftp_auc, ftn_auc, score)
+
+
+# --- Uncertainty against errors ----------------------------------------------------------------
+
+# Jungo & Reyes (2019)'s threshold grid for an uncertainty normalised to [0, 1].
+UEO_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def _masked_uncertainty_and_error(
+    uncertainty: np.ndarray,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uncertainty as float64, error = prediction != truth) of the voxels in mask, 1-D."""
+    uncertainty = np.asarray(uncertainty)
+    prediction = np.asarray(prediction)
+    truth = np.asarray(truth)
+    arrays = {"prediction": prediction, "truth": truth}
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        arrays["mask"] = mask
+    for name, array in arrays.items():
+        if array.shape != uncertainty.shape:
+            raise ValueError(
+                f"{name} shape {array.shape} differs from uncertainty {uncertainty.shape}"
+            )
+    error = prediction != truth
+    if mask is not None:
+        uncertainty, error = uncertainty[mask], error[mask]
+    uncertainty = uncertainty.astype(np.float64).ravel()
+    if not np.all(np.isfinite(uncertainty)):
+        raise ValueError("uncertainty must be finite")
+    return uncertainty, error.ravel()
+
+
+def error_detection_auroc(
+    uncertainty: np.ndarray,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> float:
+    """AUROC of the uncertainty as a detector of the misclassified voxels of one region.
+
+    AUROC = U / (n_err · n_ok) with the Mann–Whitney U = Σ_{err i, ok j} [u_i > u_j] + ½ [u_i
+    = u_j] (Hanley & McNeil 1982), the same value as the average-rank formula and as sklearn's
+    ``roc_auc_score(error, uncertainty)``. O(n log n): the correct voxels' uncertainties are
+    sorted once and each error's count of smaller and equal ones found by binary search; the
+    counts are summed as integers, so the result is exact up to the final division.
+
+    Args:
+      uncertainty: [...] finite uncertainty, higher meaning less sure.
+      prediction, truth: same shape, one region's boolean masks (error = prediction != truth).
+      mask: same shape, boolean voxels to score (the brain); None is the whole volume.
+
+    Returns:
+      The AUROC in [0, 1] (1: every error more uncertain than every correct voxel, 0.5:
+      chance); NaN when the selection holds no errors or no correct voxels.
+    """
+    uncertainty, error = _masked_uncertainty_and_error(uncertainty, prediction, truth, mask)
+    errors, correct = uncertainty[error], np.sort(uncertainty[~error])
+    if errors.size == 0 or correct.size == 0:
+        return float("nan")
+    # 2U = Σ_err (#ok below + #ok at or below) = Σ_err (2 · #below + #equal).
+    below = np.searchsorted(correct, errors, side="left")
+    at_or_below = np.searchsorted(correct, errors, side="right")
+    twice_u = int(np.sum(below, dtype=np.int64)) + int(np.sum(at_or_below, dtype=np.int64))
+    return twice_u / (2.0 * errors.size * correct.size)
+
+
+def uncertainty_error_overlap_curve(
+    uncertainty: np.ndarray,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    thresholds: np.ndarray | tuple[float, ...] = UEO_THRESHOLDS,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """UEO (Jungo & Reyes 2019) of one region at each threshold: [T] Dice(error, u > t).
+
+    One sort of the uncertainties, then a binary search per threshold, instead of a pass per
+    threshold. Arguments as in ``uncertainty_error_overlap``; ``thresholds``: [T] values of t
+    in the uncertainty's units (the default grid assumes it is normalised to [0, 1]).
+    """
+    uncertainty, error = _masked_uncertainty_and_error(uncertainty, prediction, truth, mask)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.ndim != 1:
+        raise ValueError(f"thresholds must be 1-D, got shape {thresholds.shape}")
+    # Uncertain at t means u > t: the count of values above t is n − #(u ≤ t).
+    uncertain = uncertainty.size - np.searchsorted(np.sort(uncertainty), thresholds, "right")
+    overlap = error.sum() - np.searchsorted(np.sort(uncertainty[error]), thresholds, "right")
+    denominator = int(error.sum()) + uncertain
+    return np.divide(
+        2.0 * overlap, denominator, out=np.ones(thresholds.shape), where=denominator > 0
+    )
+
+
+def uncertainty_error_overlap(
+    uncertainty: np.ndarray,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    threshold: float,
+    mask: np.ndarray | None = None,
+) -> float:
+    """UEO (Jungo & Reyes 2019): Dice of the error mask and ``uncertainty > threshold``.
+
+    Args:
+      uncertainty: [...] finite uncertainty (the paper normalises it to [0, 1]).
+      prediction, truth: same shape, one region's boolean masks (error = prediction != truth).
+      threshold: t, in the uncertainty's units; voxels with u > t are "uncertain".
+      mask: same shape, boolean voxels to score (the brain); None is the whole volume.
+
+    Returns:
+      2 |E ∩ U_t| / (|E| + |U_t|) in [0, 1]; 1.0 when there are no errors and nothing is
+      uncertain.
+    """
+    curve = uncertainty_error_overlap_curve(uncertainty, prediction, truth, (threshold,), mask)
+    return float(curve[0])
+
+
+class BestUEO(NamedTuple):
+    """The threshold maximising the (mean) UEO and that UEO."""
+
+    threshold: float
+    ueo: float
+
+
+def best_uncertainty_error_overlap(
+    curves: np.ndarray, thresholds: np.ndarray | tuple[float, ...] = UEO_THRESHOLDS
+) -> BestUEO:
+    """Maximum of UEO curves over the threshold grid.
+
+    Args:
+      curves: [T] one case's ``uncertainty_error_overlap_curve`` (its best threshold), or
+        [N, T] the curves of N cases: then the threshold maximising the mean over cases, and
+        that mean, as Jungo & Reyes (2019) report UEO per method.
+      thresholds: [T] the grid the curves were computed on.
+
+    Returns:
+      BestUEO(threshold, ueo); on a tie the first maximum in grid order.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.ndim != 1 or curves.ndim not in (1, 2) or curves.shape[-1] != thresholds.size:
+        raise ValueError(
+            f"curves shape {curves.shape} must be [T] or [N, T] with T = {thresholds.size} "
+            "thresholds"
+        )
+    if curves.ndim == 2 and curves.shape[0] == 0:
+        raise ValueError("no curves given")
+    mean = curves if curves.ndim == 1 else curves.mean(axis=0)
+    best = int(np.argmax(mean))
+    return BestUEO(float(thresholds[best]), float(mean[best]))
+
+
+def mean_uncertainty(uncertainty: np.ndarray, mask: np.ndarray | None) -> float:
+    """Mean uncertainty over the voxels in mask (e.g. the brain), a case-level score.
+
+    Float64 accumulation. None is the whole volume; an empty mask gives NaN.
+    """
+    uncertainty = np.asarray(uncertainty)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != uncertainty.shape:
+            raise ValueError(
+                f"mask shape {mask.shape} differs from uncertainty {uncertainty.shape}"
+            )
+        uncertainty = uncertainty[mask]
+    if uncertainty.size == 0:
+        return float("nan")
+    return float(np.mean(uncertainty, dtype=np.float64))
+
+
+def spearman_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's ρ: the Pearson correlation of the average ranks of x and y (ties averaged).
+
+    For case-level failure detection, e.g. x the cases' mean uncertainty and y their Dice
+    (a useful uncertainty gives ρ near −1). Equal to ``scipy.stats.spearmanr(x, y)``'s
+    statistic.
+
+    Args:
+      x, y: [N] finite values of the same N cases.
+
+    Returns:
+      ρ in [−1, 1]; NaN when N < 2 or either input is constant (ρ is undefined).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"x and y must be 1-D of one length, got {x.shape} and {y.shape}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("x and y must be finite")
+    if x.size < 2:
+        return float("nan")
+    rank_x = stats.rankdata(x) - (x.size + 1) / 2.0  # centred: average ranks sum to n(n+1)/2
+    rank_y = stats.rankdata(y) - (y.size + 1) / 2.0
+    norm = np.sqrt(np.sum(rank_x**2) * np.sum(rank_y**2))
+    if norm == 0.0:
+        return float("nan")
+    return float(np.clip(np.sum(rank_x * rank_y) / norm, -1.0, 1.0))
