@@ -47,11 +47,20 @@ Cost (one CPU core): about 0.2-0.4 s to generate and 0.5 s to generate and write
 plus about 1 s to load the template once per process and resolution; 10-25 s per case at
 240 x 240 x 155 (about 2 GB of memory).
 
-Only numpy and scipy are used; the template is read through `vi_seg_jax.io.nifti`.
+Distribution shift: `SyntheticConfig(shift=Shift("scanner", 2))` (or `"scanner:2"`, CLI
+`--shift scanner:2`) gives the same cases with a graded shift: `scanner` (noise, bias field,
+slice thickness, intensity response), `contrast` (T1ce enhancement, FLAIR/T2 lesion contrast)
+or `anatomy` (tumour size, multifocality, location), level 0 (bitwise the unshifted data) to
+3. The shift draws from its own stream, so scanner and contrast shifts keep the labels
+bitwise; see `shift.py` and docs/shift.md.
+
+Only numpy and scipy are used (matplotlib for `figure.py`, which draws docs/shift_levels.png);
+the template is read through `vi_seg_jax.io.nifti`.
 
 Modules: `config` (what to generate), `fields` (grids and smooth random fields), `anatomy`
 (the warped template), `pathology` (tumours and lesions), `contrast` (MR intensities and
-scanner artefacts), `generator` (one case from its seed) and `writing` (release layouts).
+scanner artefacts), `shift` (graded distribution shift), `generator` (one case from its
+seed), `writing` (release layouts) and `figure` (the shift-levels figure).
 """
 
 from vi_seg_jax.data.synthetic.config import (
@@ -64,16 +73,28 @@ from vi_seg_jax.data.synthetic.config import (
 )
 from vi_seg_jax.data.synthetic.generator import SyntheticCase, generate_case
 from vi_seg_jax.data.synthetic.pathology import case_grade
+from vi_seg_jax.data.synthetic.shift import (
+    ANATOMY_MODES,
+    MAX_SHIFT_LEVEL,
+    SHIFT_KINDS,
+    Shift,
+    anatomy_mode,
+)
 from vi_seg_jax.data.synthetic.writing import case_files, case_id, write_case, write_dataset
 
 __all__ = [
+    "ANATOMY_MODES",
     "BRATS_FOV_MM",
     "DEFAULT_SHAPE",
     "DOMAINS",
     "GENERATOR_VERSION",
+    "MAX_SHIFT_LEVEL",
     "MIN_SIZE",
+    "SHIFT_KINDS",
+    "Shift",
     "SyntheticCase",
     "SyntheticConfig",
+    "anatomy_mode",
     "case_files",
     "case_grade",
     "case_id",

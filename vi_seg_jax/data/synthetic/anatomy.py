@@ -140,3 +140,16 @@ def sample_anatomy(
     csf = np.clip(brain - gm - wm, 0, None)
     scale = brain / np.maximum(gm + wm + csf, 1e-6)
     return {"brain": brain, "csf": csf * scale, "gm": gm * scale, "wm": wm * scale}
+
+
+def template_points(warp: Warp, grid: Grid) -> np.ndarray:
+    """[3, X, Y, Z] float64 template world coordinates (MNI mm) of `grid`'s voxel centres.
+
+    The same map as `sample_anatomy` without mass effect; used to place tumours in named
+    regions of the template (e.g. the posterior fossa).
+    """
+    points = grid.points().astype(np.float64)
+    for d in range(3):
+        points[d] += warp.displacement_mm * warp.displacement[d](grid)
+    centred = points.reshape(3, -1) - (GRID_CENTRE_MM + warp.translation)[:, None]
+    return (GRID_CENTRE_MM[:, None] + warp.matrix @ centred).reshape(points.shape)

@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from vi_seg_jax.data.synthetic.shift import Shift
+
 # Bump whenever the same configuration starts producing different arrays (it names caches).
 GENERATOR_VERSION = 1
 DEFAULT_SHAPE = (64, 64, 48)
@@ -30,6 +32,8 @@ class SyntheticConfig:
       seed: dataset seed; case `i` is drawn from `(seed, i, domain)`.
       mass_effect: tumours push the surrounding tissue away (tumour domain only).
       fov_mm: field of view in mm (BraTS: 240 x 240 x 155).
+      shift: a graded distribution shift (see `shift.py`), a `Shift` or `"KIND:LEVEL"`; None
+        or level 0 is no shift. `anatomy` needs the tumour domain.
     """
 
     shape: tuple[int, int, int] = DEFAULT_SHAPE
@@ -37,6 +41,7 @@ class SyntheticConfig:
     seed: int = 0
     mass_effect: bool = True
     fov_mm: tuple[float, float, float] = BRATS_FOV_MM
+    shift: Shift | None = None
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -48,6 +53,12 @@ class SyntheticConfig:
             raise ValueError(f"domain must be one of {list(DOMAINS)}; got {self.domain!r}")
         if len(self.fov_mm) != 3 or min(self.fov_mm) <= 0:
             raise ValueError(f"fov_mm must be 3 positive lengths; got {self.fov_mm}")
+        shift = Shift.parse(self.shift) if isinstance(self.shift, str) else self.shift
+        if shift is not None and not isinstance(shift, Shift):
+            raise ValueError(f"shift must be a Shift, 'KIND:LEVEL' or None; got {self.shift!r}")
+        if shift is not None and shift.kind == "anatomy" and self.domain != "tumour":
+            raise ValueError(f"the anatomy shift needs domain 'tumour'; got {self.domain!r}")
+        object.__setattr__(self, "shift", shift)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "fov_mm", tuple(float(f) for f in self.fov_mm))

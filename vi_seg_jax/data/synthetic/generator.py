@@ -11,6 +11,7 @@ from vi_seg_jax.data.synthetic.anatomy import (
     load_template,
     sample_anatomy,
     template_factor,
+    template_points,
 )
 from vi_seg_jax.data.synthetic.config import DOMAINS, SyntheticConfig
 from vi_seg_jax.data.synthetic.contrast import render
@@ -21,8 +22,10 @@ from vi_seg_jax.data.synthetic.pathology import (
     draw_tumour,
     lesion_maps,
     mass_displacement,
+    shift_tumour,
     tumour_maps,
 )
+from vi_seg_jax.data.synthetic.shift import CONTRAST_LEVELS, SCANNER_LEVELS, anatomy_mode
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,8 +59,12 @@ class SyntheticCase:
 def generate_case(config: SyntheticConfig, index: int) -> SyntheticCase:
     """Generates case `index` of the dataset described by `config` (pure, deterministic).
 
+    A shifted config (`config.shift` at level >= 1) gives the same case with only the shifted
+    aspect changed: the shift draws from a seventh child of the case's seed sequence, spawned
+    after the six used here, so the other streams are untouched.
+
     Args:
-      config: grid, domain and seed.
+      config: grid, domain, seed and optional shift.
       index: case number, >= 0.
 
     Returns:
@@ -70,6 +77,8 @@ def generate_case(config: SyntheticConfig, index: int) -> SyntheticCase:
     anatomy_rng, lesion_rng, field_rng, contrast_rng, scanner_rng, noise_rng = (
         np.random.default_rng(s) for s in sequence.spawn(6)
     )
+    shift = config.shift if config.shift is not None and config.shift.active else None
+    shift_rng = np.random.default_rng(sequence.spawn(1)[0]) if shift is not None else None
     fields = FieldSampler(config, field_rng)
     grid, coarse = output_grid(config), coarse_grid(config)
     template = load_template(template_factor(config.spacing))
@@ -90,9 +99,22 @@ def generate_case(config: SyntheticConfig, index: int) -> SyntheticCase:
     if config.domain == "tumour":
         grade = case_grade(index)
         tumour = draw_tumour(anatomy_rng, grade, coarse, coarse_anatomy, config.spacing)
-        mass = mass_displacement(grid, tumour) if config.mass_effect else None
+        tumours = [tumour]
+        if shift is not None and shift.kind == "anatomy":
+            mni = template_points(warp, coarse)
+            tumours = shift_tumour(
+                tumour,
+                anatomy_mode(index),
+                shift.level,
+                shift_rng,
+                coarse,
+                coarse_anatomy,
+                mni,
+                config.spacing,
+            )
+        mass = mass_displacement(grid, tumours) if config.mass_effect else None
         anatomy = sample_anatomy(warp, grid, template, mass)
-        fractions, label, probability = tumour_maps(tumour, grid, anatomy, named, config.spacing)
+        fractions, label, probability = tumour_maps(tumours, grid, anatomy, named, config.spacing)
     else:
         grade = None
         sites = draw_lesion_sites(lesion_rng, coarse, coarse_anatomy, max(config.spacing))
@@ -102,8 +124,19 @@ def generate_case(config: SyntheticConfig, index: int) -> SyntheticCase:
         )
     brain_mask = anatomy["brain"] > 0.5
     scanner_fields = FieldSampler(config, scanner_rng)
+    kind = shift.kind if shift is not None else None
     images = render(
-        fractions, brain_mask, grid, contrast_rng, scanner_rng, noise_rng, scanner_fields, texture
+        fractions,
+        brain_mask,
+        grid,
+        contrast_rng,
+        scanner_rng,
+        noise_rng,
+        scanner_fields,
+        texture,
+        scanner=SCANNER_LEVELS[shift.level] if kind == "scanner" else None,
+        contrast=CONTRAST_LEVELS[shift.level] if kind == "contrast" else None,
+        shift_rng=shift_rng,
     )
     return SyntheticCase(
         index=index,

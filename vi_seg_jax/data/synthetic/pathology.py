@@ -7,7 +7,7 @@ the canonical label (after the rater's border shift) and the soft probability (b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -16,6 +16,13 @@ from vi_seg_jax.data.conventions import BACKGROUND, CORE, EDEMA, ENHANCING
 from vi_seg_jax.data.synthetic.anatomy import rotation_matrix
 from vi_seg_jax.data.synthetic.config import COARSE_SPACING_MM
 from vi_seg_jax.data.synthetic.fields import Grid
+from vi_seg_jax.data.synthetic.shift import (
+    LARGE_SCALE,
+    LOCATIONS,
+    MULTIFOCAL_PRIMARY_SCALE,
+    SATELLITE_WHOLE_MM,
+    SMALL_SCALE,
+)
 
 
 def _inside_distance(mask: np.ndarray, spacing: float) -> np.ndarray:
@@ -101,43 +108,75 @@ def draw_tumour(
     )
 
 
-def mass_displacement(grid: Grid, tumour: Tumour) -> np.ndarray:
-    """[3, X, Y, Z] mm subtracted from sampling points: tissue moves away from the centre."""
-    offsets = grid.points() - tumour.centre.astype(np.float32)[:, None, None, None]
-    sigma = 1.3 * tumour.whole_mm
-    falloff = np.exp(-(offsets**2).sum(axis=0) / sigma**2)
-    return offsets * (tumour.mass * falloff)[None]
+def _as_foci(tumours: Tumour | Sequence[Tumour]) -> list[Tumour]:
+    foci = [tumours] if isinstance(tumours, Tumour) else list(tumours)
+    if not foci:
+        raise ValueError("at least one tumour focus is needed")
+    return foci
+
+
+def mass_displacement(grid: Grid, tumours: Tumour | Sequence[Tumour]) -> np.ndarray:
+    """[3, X, Y, Z] mm subtracted from sampling points: tissue moves away from each focus."""
+    total = None
+    for tumour in _as_foci(tumours):
+        offsets = grid.points() - tumour.centre.astype(np.float32)[:, None, None, None]
+        sigma = 1.3 * tumour.whole_mm
+        falloff = np.exp(-(offsets**2).sum(axis=0) / sigma**2)
+        push = offsets * (tumour.mass * falloff)[None]
+        total = push if total is None else total + push
+    return total
 
 
 def tumour_maps(
-    tumour: Tumour,
+    tumours: Tumour | Sequence[Tumour],
     grid: Grid,
     anatomy: dict[str, np.ndarray],
     fields: dict[str, Callable[[Grid], np.ndarray]],
     spacing: tuple[float, ...],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Voxel fractions of each tissue, canonical label and soft whole-tumour probability."""
-    radius = _ellipsoid_radius(grid, tumour.centre, tumour.rotation, tumour.axes)
-    a_core, a_nec, a_ed = tumour.irregularity
+    """Voxel fractions of each tissue, canonical label and soft whole-tumour probability.
+
+    `tumours` is one tumour or several foci (a multifocal tumour, primary first); the foci's
+    core and edema logits and necrosis and enhancement maps are combined by maximum, so one
+    focus gives exactly the single-tumour maps.
+    """
     width = 0.5 + 0.25 * min(spacing)  # partial-volume ramp of the core's borders
     brain = anatomy["brain"]
     csf_rel = anatomy["csf"] / np.maximum(brain, 1e-6)
     wm_rel = anatomy["wm"] / np.maximum(brain, 1e-6)
-
-    core_radius = radius * np.exp(-a_core * fields["core"](grid))
-    core_logit = (tumour.core_mm - core_radius) / width
-    core_p = _sigmoid(core_logit)
-    nec_p = _sigmoid((tumour.necrosis_mm - radius * np.exp(-a_nec * fields["nec"](grid))) / width)
-    if tumour.necrosis_mm <= 0:
-        nec_p = np.zeros_like(nec_p)
-    enh_p = _sigmoid((fields["patch"](grid) - tumour.enhancing_threshold) / 0.15)
-    # Edema wraps the core, reaching (whole - core) mm beyond it on average, further along
-    # white matter than in grey matter or CSF (where its reach shrinks by up to 40%).
-    beyond_core = (core_radius - tumour.core_mm) * np.exp(-a_ed * fields["edema"](grid))
-    beyond_core /= 0.6 + 0.4 * wm_rel
-    edema_logit = (tumour.whole_mm - tumour.core_mm - beyond_core) / tumour.edema_width_mm
     resist = 1.0 - 0.8 * csf_rel  # ventricles and sulci resist edema
-    edema_p = _sigmoid(edema_logit) * resist
+    rater_mm = fields["rater_mm"] * fields["rater"](grid)
+    noise = {name: fields[name](grid) for name in ("core", "nec", "patch", "edema")}
+
+    core_logit = nec_p = enh_p = edema_sig = rater_sig = None
+    for tumour in _as_foci(tumours):
+        radius = _ellipsoid_radius(grid, tumour.centre, tumour.rotation, tumour.axes)
+        a_core, a_nec, a_ed = tumour.irregularity
+        core_radius = radius * np.exp(-a_core * noise["core"])
+        focus_core = (tumour.core_mm - core_radius) / width
+        focus_nec = _sigmoid((tumour.necrosis_mm - radius * np.exp(-a_nec * noise["nec"])) / width)
+        if tumour.necrosis_mm <= 0:
+            focus_nec = np.zeros_like(focus_nec)
+        focus_enh = _sigmoid((noise["patch"] - tumour.enhancing_threshold) / 0.15)
+        # Edema wraps the core, reaching (whole - core) mm beyond it on average, further along
+        # white matter than in grey matter or CSF (where its reach shrinks by up to 40%).
+        beyond_core = (core_radius - tumour.core_mm) * np.exp(-a_ed * noise["edema"])
+        beyond_core /= 0.6 + 0.4 * wm_rel
+        edema_logit = (tumour.whole_mm - tumour.core_mm - beyond_core) / tumour.edema_width_mm
+        focus_edema = _sigmoid(edema_logit)
+        # The rater moves the borders by a smooth shift of a few mm (edema fully, core half).
+        focus_rater = _sigmoid(edema_logit + rater_mm / tumour.edema_width_mm)
+        if core_logit is None:
+            core_logit, nec_p, enh_p = focus_core, focus_nec, focus_enh
+            edema_sig, rater_sig = focus_edema, focus_rater
+        else:
+            core_logit = np.maximum(core_logit, focus_core)
+            nec_p = np.maximum(nec_p, focus_nec)
+            enh_p = np.maximum(enh_p, focus_enh)
+            edema_sig = np.maximum(edema_sig, focus_edema)
+            rater_sig = np.maximum(rater_sig, focus_rater)
+    core_p = _sigmoid(core_logit)
+    edema_p = edema_sig * resist
 
     core = core_p * brain
     fractions = {
@@ -150,11 +189,9 @@ def tumour_maps(
     for tissue in ("csf", "gm", "wm"):
         fractions[tissue] = anatomy[tissue] * normal
 
-    # The rater moves the borders by a smooth shift of a few mm (edema fully, core half).
-    rater_mm = fields["rater_mm"] * fields["rater"](grid)
     brain_mask = brain > 0.5
     tc = core_logit + 0.5 * rater_mm / width > 0
-    wt = (_sigmoid(edema_logit + rater_mm / tumour.edema_width_mm) * resist > 0.5) | tc
+    wt = (rater_sig * resist > 0.5) | tc
     enhancing = (1 - nec_p) * enh_p > np.maximum(nec_p, (1 - nec_p) * (1 - enh_p))
     label = np.full(grid.shape, BACKGROUND, dtype=np.uint8)
     label[wt] = EDEMA
@@ -163,6 +200,114 @@ def tumour_maps(
     label[~brain_mask] = BACKGROUND
     probability = np.clip(fractions["edema"] + core, 0, 1) * brain_mask
     return fractions, label, probability.astype(np.float32)
+
+
+def _rim_mm(spacing: tuple[float, ...]) -> float:
+    return max(3.0, 1.1 * max(spacing))
+
+
+def _scaled(tumour: Tumour, factor: float, rim: float) -> Tumour:
+    """`tumour` with every radius times `factor` (necrosis still inside a `rim`-thick rim)."""
+    core = tumour.core_mm * factor
+    necrosis = max(0.0, min(tumour.necrosis_mm * factor, core - rim))
+    return dataclasses.replace(
+        tumour,
+        core_mm=float(core),
+        necrosis_mm=float(necrosis) if tumour.necrosis_mm > 0 else 0.0,
+        whole_mm=float(tumour.whole_mm * factor),
+        edema_width_mm=float(tumour.edema_width_mm * min(1.0, factor)),
+    )
+
+
+def _reach_mm(tumour: Tumour) -> float:
+    """A generous bound on how far a focus's label reaches (irregular, rater-shifted edema)."""
+    return 1.5 * tumour.whole_mm * float(np.max(tumour.axes)) + 4.0
+
+
+def location_region(
+    level: int, anatomy: dict[str, np.ndarray], mni: np.ndarray, spacing_mm: float
+) -> np.ndarray:
+    """[X, Y, Z] bool candidate centres of a `location`-shifted tumour at `level` (1-3).
+
+    Regions are taken in template (MNI) coordinates `mni` [3, X, Y, Z]: 1 juxtacortical
+    (supratentorial, 4-12 mm under the brain surface), 2 a cerebellar hemisphere (y < -45,
+    z < -22, |x| > 20 mm), 3 the brainstem (|x| < 8, -42 < y < -15, z < -20 mm).
+    """
+    x, y, z = mni
+    brain = anatomy["brain"] > 0.5
+    inside = _inside_distance(brain, spacing_mm)
+    infratentorial = ((y < -38) & (z < -18)) | ((np.abs(x) < 14) & (y < -12) & (z < -20))
+    if LOCATIONS[level] == "juxtacortical":
+        region = brain & ~infratentorial & (inside >= 4) & (inside <= 12)
+        return region & (anatomy["wm"] + anatomy["gm"] > 0.5 * anatomy["brain"])
+    if LOCATIONS[level] == "cerebellar hemisphere":
+        return brain & (y < -45) & (z < -22) & (np.abs(x) > 20) & (inside >= 8)
+    return brain & (np.abs(x) < 8) & (y > -42) & (y < -15) & (z < -20) & (inside >= 4)
+
+
+def shift_tumour(
+    tumour: Tumour,
+    mode: str,
+    level: int,
+    rng: np.random.Generator,
+    coarse: Grid,
+    anatomy: dict[str, np.ndarray],
+    mni: np.ndarray,
+    spacing: tuple[float, ...],
+) -> list[Tumour]:
+    """The foci of `tumour` after an anatomy shift of `mode` at `level` (see `shift.py`).
+
+    Args:
+      tumour: the unshifted tumour (as `draw_tumour` drew it).
+      mode: `small`, `large`, `multifocal` or `location`.
+      level: 0-3; 0 returns `[tumour]`.
+      rng: the shift's own stream.
+      coarse: the site-selection grid; `anatomy` and `mni` ([3, X, Y, Z] template mm) live on it.
+      spacing: output voxel size in mm (sets the enhancing rim's minimum thickness).
+
+    Returns:
+      The foci, primary first (one focus except for `multifocal`).
+    """
+    if level == 0:
+        return [tumour]
+    rim = _rim_mm(spacing)
+    if mode == "small":
+        return [_scaled(tumour, SMALL_SCALE[level], rim)]
+    if mode == "large":
+        return [_scaled(tumour, LARGE_SCALE[level], rim)]
+    if mode == "location":
+        region = location_region(level, anatomy, mni, COARSE_SPACING_MM)
+        if not region.any():  # an odd field of view: keep the usual site
+            return [tumour]
+        return [dataclasses.replace(tumour, centre=_pick(rng, coarse, region))]
+    if mode != "multifocal":
+        raise ValueError(f"unknown anatomy-shift mode {mode!r}")
+    primary = _scaled(tumour, MULTIFOCAL_PRIMARY_SCALE[level], rim)
+    foci = [primary]
+    pool = (anatomy["wm"] > 0.5) & (
+        _inside_distance(anatomy["brain"] > 0.5, COARSE_SPACING_MM) >= 8
+    )
+    for _ in range(level):
+        whole = float(rng.uniform(*SATELLITE_WHOLE_MM))
+        satellite = dataclasses.replace(
+            primary,
+            rotation=rotation_matrix(rng.uniform(-np.pi, np.pi, size=3)),
+            axes=rng.uniform(0.8, 1.25, size=3),
+            core_mm=0.55 * whole,
+            necrosis_mm=max(0.0, min(0.25 * whole, 0.55 * whole - rim)),
+            whole_mm=whole,
+            mass=0.5 * primary.mass,
+        )
+        # Far enough from every focus that the labels do not touch; shrink if nothing fits.
+        for attempt in range(200):
+            if attempt and attempt % 50 == 0:
+                satellite = _scaled(satellite, 0.8, rim)
+            centre = _pick(rng, coarse, pool)
+            reach = _reach_mm(satellite)
+            if all(np.linalg.norm(centre - f.centre) > reach + _reach_mm(f) for f in foci):
+                foci.append(dataclasses.replace(satellite, centre=centre))
+                break
+    return foci
 
 
 def draw_lesion_sites(

@@ -18,6 +18,7 @@ from vi_seg_jax.data.conventions import MODALITIES, get_layout
 from vi_seg_jax.data.synthetic.config import DEFAULT_SHAPE, SyntheticConfig
 from vi_seg_jax.data.synthetic.generator import SyntheticCase, generate_case
 from vi_seg_jax.data.synthetic.pathology import case_grade
+from vi_seg_jax.data.synthetic.shift import Shift
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.io.folders import replace_folder
 from vi_seg_jax.io.nifti import write_nifti
@@ -80,16 +81,20 @@ def write_case(root: str | os.PathLike, case: SyntheticCase, layout: str) -> lis
     return written
 
 
-def _msd_dataset_json(num_cases: int, domain: str) -> dict:
+def _msd_dataset_json(num_cases: int, domain: str, shift: Shift | None = None) -> dict:
     spec = get_layout("msd")
     names = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}
     training = []
     for index in range(num_cases):
         files = case_files("msd", index)
         training.append({"image": f"./{files['image']}", "label": f"./{files['label']}"})
-    return {
+    shifted = shift is not None and shift.active
+    description = f"Synthetic vi_seg_jax cases ({domain}) in the MSD Task01 layout"
+    if shifted:
+        description += f", distribution shift {shift} (see docs/shift.md)"
+    meta = {
         "name": "BRATS",
-        "description": f"Synthetic vi_seg_jax cases ({domain}) in the MSD Task01 layout",
+        "description": description,
         "reference": "vi_seg_jax.data.synthetic (MNI152 2009c template via nilearn)",
         "licence": "CC-BY-SA 4.0",
         "release": "synthetic",
@@ -101,6 +106,9 @@ def _msd_dataset_json(num_cases: int, domain: str) -> dict:
         "training": training,
         "test": [],
     }
+    if shifted:  # level 0 is today's dataset, dataset.json included
+        meta["shift"] = {"kind": shift.kind, "level": shift.level}
+    return meta
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:
@@ -129,6 +137,7 @@ def write_dataset(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     seed: int = 0,
     mass_effect: bool = True,
+    shift: Shift | str | None = None,
     overwrite: bool = False,
     progress: bool | Callable[[str], None] | None = None,
 ) -> list[str]:
@@ -145,6 +154,11 @@ def write_dataset(
       shape: output grid [X, Y, Z] (default (64, 64, 48)).
       seed: dataset seed.
       mass_effect: tumours push the surrounding tissue away.
+      shift: a graded distribution shift, `Shift` or `"KIND:LEVEL"` (`scanner`, `contrast`,
+        `anatomy`; level 0-3; see `shift.py` and docs/shift.md). Cases keep their ids and
+        seeds; level 0 writes exactly the unshifted dataset. The msd layout records a shift of
+        level >= 1 in dataset.json (`"shift": {"kind", "level"}`); the BraTS layouts have no
+        metadata file, so nothing records it there.
       overwrite: replace a non-empty `out_dir`.
       progress: a function called with one line per written case, or True to print those
         lines to stderr.
@@ -154,7 +168,7 @@ def write_dataset(
 
     Raises:
       DataError: `out_dir` is not empty (and not `overwrite`) or is a file.
-      ValueError: bad layout, domain, shape or number of cases.
+      ValueError: bad layout, domain, shape, shift or number of cases.
     """
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1; got {num_cases}")
@@ -163,7 +177,9 @@ def write_dataset(
     elif not progress:
         progress = None
     get_layout(layout)
-    config = SyntheticConfig(shape=shape, domain=domain, seed=seed, mass_effect=mass_effect)
+    config = SyntheticConfig(
+        shape=shape, domain=domain, seed=seed, mass_effect=mass_effect, shift=shift
+    )
     out = Path(out_dir)
     _check_destination(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +196,7 @@ def write_dataset(
                 seconds = time.perf_counter() - start
                 progress(f"{ids[-1]}: {_summary(case)} ({seconds:.1f} s)")
         if layout == "msd":
-            text = json.dumps(_msd_dataset_json(num_cases, domain), indent=4)
+            text = json.dumps(_msd_dataset_json(num_cases, domain, config.shift), indent=4)
             (partial / "dataset.json").write_text(text + "\n")
         _check_destination(out, overwrite)  # another writer may have finished meanwhile
         replace_folder(partial, out)
