@@ -7,16 +7,21 @@ import numpy as np
 import pytest
 
 from experiments import train
+from vi_seg_jax.brats_metrics import BRATS_METRICS, label_groups, to_columns
+from vi_seg_jax.data.conventions import BRATS_2018_2021, BRATS_2023, MSD_TASK01
 from vi_seg_jax.data.discovery import discover_cases
 from vi_seg_jax.data.preprocess import brain_mask
 from vi_seg_jax.data.synthetic import write_dataset
 from vi_seg_jax.evaluation import (
+    METRICS,
+    CaseScores,
     epistemic_away_from_abnormality,
     markdown_table,
     mean_curves,
     pool_bins,
+    summarize,
 )
-from vi_seg_jax.metrics import calibration_bins, qubrats
+from vi_seg_jax.metrics import HD95_CAP, calibration_bins, qubrats
 from vi_seg_jax.predict import Predictor, load_trained
 
 
@@ -47,6 +52,49 @@ def test_markdown_table_reports_dice_and_iou_in_percent():
     summary = {"wt": {m: {"mean": 0.5, "std": 0.1, "n": 2} for m in metrics}}
     row = markdown_table(summary, ("wt",)).splitlines()[-1]
     assert row.startswith("| WT | 50 ± 10 | 50 ± 10 | 0.5 ± 0.1 |")
+
+
+def test_markdown_table_appends_the_lesion_wise_brats_metrics_when_scored():
+    metrics = (*METRICS, *BRATS_METRICS)
+    summary = {"wt": {m: {"mean": 0.5, "std": 0.1, "n": 2} for m in metrics}}
+    header, _, row = markdown_table(summary, ("wt",)).splitlines()
+    assert header.endswith("| lesion_dice | lesion_hd95 | lesion_nsd | lesion_pq |")
+    assert row.startswith("| WT | 50 ± 10 | 50 ± 10 | 0.5 ± 0.1 |")
+    assert row.endswith("| 50 ± 10 | 0.5 ± 0.1 | 0.5 ± 0.1 | 50 ± 10 |")
+
+
+def test_summarize_leaves_the_lesion_wise_nans_out_and_counts_the_values():
+    def case(value):
+        values = {"lesion_dice": value, "lesion_pq": np.nan, "dice": value}
+        return CaseScores("c", {"wt": values}, {}, {})
+
+    metrics = ("lesion_dice", "lesion_pq", "dice")
+    summary = summarize([case(0.5), case(np.nan), case(1.0)], ("wt",), metrics)["wt"]
+    assert summary["lesion_dice"] == {"mean": 0.75, "std": 0.25, "n": 2}
+    empty = summary["lesion_pq"]  # no value at all: NaN, without a warning
+    assert np.isnan(empty["mean"]) and np.isnan(empty["std"]) and empty["n"] == 0
+    assert np.isnan(summary["dice"]["mean"]) and summary["dice"]["n"] == 3  # stays loud
+
+
+def test_brats_label_groups_follow_each_release_convention():
+    regions = ("wt", "tc", "et")
+    expected = [
+        (BRATS_2023, {"wt": [1, 2, 3], "tc": [1, 3], "et": [3]}),  # the bundled `gli` groups
+        (BRATS_2018_2021, {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}),
+        (MSD_TASK01, {"wt": [1, 2, 3], "tc": [2, 3], "et": [3]}),
+    ]
+    for convention, groups in expected:
+        assert label_groups(convention, regions) == groups
+        # A `wt` run's 0/1 mask: label 1 lies in every convention's whole tumour.
+        assert 1 in label_groups(convention, ("wt",))["wt"]
+
+
+def test_brats_columns_cap_an_infinite_hd95_and_keep_nan():
+    result = {"sq_dsc": 0.0, "sq_hd95": np.inf, "sq_nsd": 0.0, "pq_dsc": 0.0, "tp": 0, "fp": 1}
+    columns = to_columns(result)
+    assert columns["lesion_hd95"] == HD95_CAP and columns["lesion_fp"] == 1.0
+    assert np.isnan(columns["lesion_fn"])  # absent from the result
+    assert list(columns) == list(BRATS_METRICS)
 
 
 def test_epistemic_away_from_abnormality_excludes_a_margin():

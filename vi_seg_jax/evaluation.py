@@ -12,6 +12,11 @@ modality is non-zero, except for QU-BraTS, which takes T1 > 0 when the case has 
 mask the official scorer uses when given the T1 image, its documented stand-in for a brain
 mask, so that its numbers and these agree.
 
+With `brats_metrics=True`, also the lesion-wise BraTS metrics per region (`BRATS_METRICS`:
+lesion-wise Dice, HD95, NSD, panoptic quality, matched / spurious / missed lesions), computed
+by the challenge organisers' package on the written `_seg` file against the ground-truth file
+with the release's configuration; see `vi_seg_jax.brats_metrics`.
+
 `evaluate_folder` scores every case of a folder and writes the per-case table, the summary
 and the plots; `experiments.evaluate` is its command line.
 """
@@ -27,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from vi_seg_jax.brats_metrics import BRATS_METRICS, BratsScorer, scorer_for
 from vi_seg_jax.data.conventions import regions_from_classes
 from vi_seg_jax.data.discovery import CaseFiles, discover_cases
 from vi_seg_jax.data.loading import load_case
@@ -160,8 +166,17 @@ def _read_on_grid(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return data
 
 
-def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
-    """All metrics of one case (truth and brain mask from its source files)."""
+def evaluate_case(
+    run: PredictionRun, case: CaseFiles, *, brats: BratsScorer | None = None
+) -> CaseScores:
+    """All metrics of one case (truth and brain mask from its source files).
+
+    Args:
+      run: the prediction folder.
+      case: the case's source files, with its ground truth.
+      brats: also the lesion-wise BraTS metrics of the written `_seg` file against
+        `case.label`, by this scorer (`brats_metrics.scorer_for(case.convention, run.regions)`).
+    """
     modalities = tuple(case.images)
     volumes = load_case(case, modalities, with_label=True)
     shape = volumes.label.shape
@@ -200,6 +215,10 @@ def evaluate_case(run: PredictionRun, case: CaseFiles) -> CaseScores:
             "after": calibration_bins(p, y, brain),
         }
         curves[region] = curve
+    if brats is not None:
+        lesion_wise = brats.score(run.path(case.case_id, "seg"), case.label)
+        for region in run.regions:
+            values[region].update(lesion_wise[region])
     return CaseScores(case.case_id, values, bins, curves)
 
 
@@ -238,33 +257,55 @@ def mean_curves(per_case: list[QUBraTS]) -> QUBraTS:
     return QUBraTS(*(np.mean([getattr(c, f) for c in per_case], axis=0) for f in QUBraTS._fields))
 
 
-def summarize(scores: list[CaseScores], regions: tuple[str, ...]) -> dict[str, Any]:
-    """Per region and metric: mean, std, count over cases."""
+def summarize(
+    scores: list[CaseScores], regions: tuple[str, ...], metrics: tuple[str, ...] = METRICS
+) -> dict[str, Any]:
+    """Per region and metric: mean, std and count over the cases that have a value.
+
+    A lesion-wise BraTS metric is NaN where neither the prediction nor the truth holds a lesion
+    of the region (the package's definition): those cases are left out, n counts the others,
+    and with none left mean and std are NaN. Any other metric's NaN stays in its mean.
+    """
     summary: dict[str, Any] = {}
     for region in regions:
         summary[region] = {}
-        for metric in METRICS:
+        for metric in metrics:
             values = np.array([s.values[region][metric] for s in scores], np.float64)
+            if metric in BRATS_METRICS:
+                values = values[~np.isnan(values)]
+            empty = values.size == 0
             summary[region][metric] = {
-                "mean": float(np.mean(values)),
-                "std": float(np.std(values)),
-                "n": len(values),
+                "mean": float("nan") if empty else float(np.mean(values)),
+                "std": float("nan") if empty else float(np.std(values)),
+                "n": int(values.size),
             }
     return summary
 
 
-def write_cases_csv(path: Path, scores: list[CaseScores], regions: tuple[str, ...]) -> None:
-    columns = ["case_id"] + [f"{r}_{m}" for r in regions for m in METRICS]
+def write_cases_csv(
+    path: Path,
+    scores: list[CaseScores],
+    regions: tuple[str, ...],
+    metrics: tuple[str, ...] = METRICS,
+) -> None:
+    columns = ["case_id"] + [f"{r}_{m}" for r in regions for m in metrics]
     rows = [
-        [s.case_id] + [f"{s.values[r][m]:.6g}" for r in regions for m in METRICS] for s in scores
+        [s.case_id] + [f"{s.values[r][m]:.6g}" for r in regions for m in metrics] for s in scores
     ]
     write_csv_atomic(path, columns, rows)
 
 
 def markdown_table(summary: dict[str, Any], regions: tuple[str, ...]) -> str:
-    """Mean ± std per region; Dice and IoU in % as in the paper."""
+    """Mean ± std per region; Dice and IoU in % as in the paper.
+
+    When the summary holds the lesion-wise BraTS metrics, their Dice (%), HD95, NSD and
+    panoptic quality (%) follow.
+    """
     shown = ("dice", "iou", "hd95", "ece", "ece_uncalibrated", "brier", "nll", "qubrats_score")
-    percent = {"dice", "iou"}
+    lesion_wise = ("lesion_dice", "lesion_hd95", "lesion_nsd", "lesion_pq")
+    if all(m in summary[r] for r in regions for m in lesion_wise):
+        shown += lesion_wise
+    percent = {"dice", "iou", "lesion_dice", "lesion_pq"}
     header = "| region | " + " | ".join(shown) + " |"
     lines = [header, "|" + "---|" * (len(shown) + 1)]
     for region in regions:
@@ -283,25 +324,32 @@ def evaluate_folder(
     *,
     data_dir: str | Path | None = None,
     progress: bool = True,
+    brats_metrics: bool = False,
 ) -> dict[str, Any]:
     """Scores every case of a prediction folder and writes the evaluation files.
 
     Writes to `out_dir` (created): `cases.csv` (one row per case, `<region>_<metric>`
     columns), `summary.json` (`summarize`), `summary.md` (`markdown_table`),
     `reliability.png` (pooled bins before and after the temperature) and
-    `qubrats_curves.png` (mean QU-BraTS filtering curves).
+    `qubrats_curves.png` (mean QU-BraTS filtering curves). With `brats_metrics`, the
+    `BRATS_METRICS` columns and means too, and `brats_metrics.yaml`: the configuration the
+    official package ran with.
 
     Args:
       run: the prediction folder (`PredictionRun.read`).
       out_dir: the output folder.
       data_dir: the dataset holding the ground truth; None: the input `run` recorded.
       progress: show a progress bar over the cases.
+      brats_metrics: also the lesion-wise BraTS metrics of the official package
+        (`vi_seg_jax.brats_metrics`; needs `pip install -e ".[brats]"`).
 
     Returns:
       The summary written to `summary.json`: region -> metric -> mean, std, n.
 
     Raises:
       DataError: a predicted case without ground truth in `data_dir`, or no cases.
+      brats_metrics.MissingBratsMetrics: `brats_metrics` without the package (checked
+        before any case is scored).
     """
     from vi_seg_jax.plots import qubrats_figure, reliability_figure
 
@@ -314,16 +362,21 @@ def evaluate_folder(
         raise DataError(data_dir, f"has no ground truth for predicted case(s) {missing}")
     if not run.case_ids:
         raise DataError(run.folder, "holds no predicted cases")
+    # One layout per dataset, so one configuration of the official package.
+    brats = scorer_for(dataset.layout.convention, run.regions) if brats_metrics else None
+    metrics = METRICS + BRATS_METRICS if brats_metrics else METRICS
     scores = [
-        evaluate_case(run, by_id[case_id])
+        evaluate_case(run, by_id[case_id], brats=brats)
         for case_id in tqdm(
             run.case_ids, desc="evaluating", unit="case", disable=None if progress else True
         )
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     regions = run.regions
-    write_cases_csv(out_dir / "cases.csv", scores, regions)
-    summary = summarize(scores, regions)
+    if brats is not None:
+        brats.save_config(out_dir / "brats_metrics.yaml")
+    write_cases_csv(out_dir / "cases.csv", scores, regions, metrics)
+    summary = summarize(scores, regions, metrics)
     write_json_atomic(out_dir / "summary.json", summary)
     write_text_atomic(out_dir / "summary.md", markdown_table(summary, regions) + "\n")
     reliability_figure(
