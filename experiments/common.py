@@ -50,13 +50,29 @@ def run_cli(
     sys.exit(status or 0)
 
 
+class _DefaultOnceFormatter(argparse.HelpFormatter):
+    """Appends a flag's default to its help unless the help already states one, or there is
+    none to state (None, or an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def make_parser(module: str, doc: str) -> argparse.ArgumentParser:
     """The parser of `python -m {module}`: `doc`'s first paragraph as its description, and
-    every flag's default shown in `--help`."""
+    each flag's default stated once in `--help`."""
     return argparse.ArgumentParser(
         prog=f"python -m {module}",
         description=doc.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultOnceFormatter,
     )
 
 

@@ -19,8 +19,15 @@ import dataclasses
 
 from vi_seg_jax.bayes.elbo import LikelihoodConfig
 from vi_seg_jax.bayes.guide import GuideConfig
-from vi_seg_jax.train.config import BackboneConfig, DataConfig, ScheduleConfig, TrainConfig
-from vi_seg_jax.train.state import MethodConfig
+from vi_seg_jax.methods import MethodConfig
+from vi_seg_jax.train.config import (
+    BackboneConfig,
+    DataConfig,
+    OptimizerConfig,
+    PriorConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 PRESETS = ("quick", "paper")
 
@@ -42,8 +49,8 @@ def _quick(backbone: str) -> TrainConfig:
     return with_overrides(
         _paper(backbone),
         backbone={"features": _QUICK_FEATURES.get(backbone)},
-        kl_warmup_epochs=4,
-        learning_rate=3e-3,
+        prior={"kl_warmup_epochs": 4},
+        optimizer={"learning_rate": 3e-3},
         data={"patch_shape": (32, 32, 32), "batch_size": 4, "foreground_fraction": 0.5},
         schedule={
             "steps": 200,
@@ -63,9 +70,8 @@ def _paper(backbone: str) -> TrainConfig:
         backbone=BackboneConfig(name=backbone, spatial_dims=3),
         method=MethodConfig(method="vi", estimator="lrt", guide=GuideConfig(init_log_var=-5.0)),
         likelihood=LikelihoodConfig(task="wt", ce_weight=0.01, dice_weight=0.99, reduction="sum"),
-        kl_weight=1.0,
-        kl_warmup_epochs=0,
-        learning_rate=1e-3,
+        prior=PriorConfig(kind="normal", kl_weight=1.0, kl_warmup_epochs=0),
+        optimizer=OptimizerConfig(learning_rate=1e-3),
         data=DataConfig(patch_shape=(128, 128, 128), batch_size=1, foreground_fraction=0.33),
         schedule=ScheduleConfig(
             steps=20_000,
@@ -79,13 +85,14 @@ def _paper(backbone: str) -> TrainConfig:
     )
 
 
-def with_overrides(config: TrainConfig, **sections) -> TrainConfig:
-    """`config` with fields replaced, e.g. `with_overrides(c, data={"batch_size": 2}, seed=3)`."""
+def with_overrides(config, **sections):
+    """`config` with fields replaced, e.g. `with_overrides(c, data={"batch_size": 2}, seed=3)`;
+    a dict replaces fields of a section (at any depth: `method={"guide": {...}}`)."""
     updates = {}
     for name, value in sections.items():
         current = getattr(config, name)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            updates[name] = dataclasses.replace(current, **value) if value else current
+            updates[name] = with_overrides(current, **value) if value else current
         else:
             updates[name] = value
     return dataclasses.replace(config, **updates)

@@ -13,18 +13,250 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from experiments.common import add_device_flags, distributed_config, make_parser, run_cli
-from experiments.configs import PRESETS, get_config, with_overrides
+from experiments.configs import PRESETS, get_config
 from vi_seg_jax.backbones import BACKBONES
 from vi_seg_jax.methods import METHODS
 from vi_seg_jax.parallel import data_mesh, initialize_distributed
 from vi_seg_jax.task import TASKS
-from vi_seg_jax.train.config import TrainConfig
+from vi_seg_jax.train.config import DWP_INIT_LOG_VAR, PRIORS, TrainConfig, dropout_for
 from vi_seg_jax.train.loop import TrainingError, train_and_evaluate
 from vi_seg_jax.train.metrics_log import TENSORBOARD_DIR
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).absolute())
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line flag and the config fields it sets."""
+
+    name: str
+    help: str
+    field: str | None = None  # the "section.field" it sets to its value (through `convert`)
+    convert: Callable[[Any], Any] = lambda value: value
+    # When setting `field` is not all: (the config so far, as a dict; the value) ->
+    # {"section.field": value, ...}.
+    update: Callable[[dict, Any], dict[str, Any]] | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # argparse's type, nargs, ...
+
+    def updates(self, values: dict, value: Any) -> dict[str, Any]:
+        if self.update is None:
+            return {self.field: self.convert(value)}
+        return self.update(values, value)
+
+
+def _method(values: dict, name: str) -> dict[str, Any]:
+    dropout = dropout_for(name, values["backbone"]["dropout_rate"])
+    return {"method.method": name, "backbone.dropout_rate": dropout}
+
+
+def _prior(values: dict, kind: str) -> dict[str, Any]:
+    if kind == "normal":
+        return {"prior.kind": kind}
+    return {"prior.kind": kind, "method.guide.init_log_var": DWP_INIT_LOG_VAR}
+
+
+def _spatial_dims(values: dict, dims: int) -> dict[str, Any]:
+    patch = values["data"]["patch_shape"]
+    if dims == 2 and len(patch) == 3:  # 2D slices: twice the 3D patch's in-plane size
+        patch = (2 * patch[0], 2 * patch[1])
+    return {"backbone.spatial_dims": dims, "data.patch_shape": tuple(patch)}
+
+
+def _epochs(values: dict, epochs: int) -> dict[str, Any]:
+    return {"schedule.steps": epochs * values["schedule"]["steps_per_epoch"]}
+
+
+# Applied in this order, each flag only when given; the preset gives every default.
+FLAGS = (
+    Flag(
+        "--task",
+        "wt: whole tumour vs rest (the paper); regions: WT/TC/ET sigmoids",
+        "likelihood.task",
+        options={"choices": tuple(TASKS)},
+    ),
+    Flag(
+        "--method",
+        "vi: variational posterior; deterministic: MAP; mc_dropout (dropout 0.1); ensemble",
+        "method.method",
+        update=_method,
+        options={"choices": tuple(METHODS)},
+    ),
+    Flag(
+        "--estimator",
+        "VI gradient estimator: local reparameterisation or full weight sampling",
+        "method.estimator",
+        options={"choices": ("lrt", "full")},
+    ),
+    Flag(
+        "--particles",
+        "Monte Carlo samples of the data term per step",
+        "method.num_particles",
+        options={"type": int},
+    ),
+    Flag(
+        "--prior-dir",
+        "a deep weight prior folder (python -m experiments.train_prior)",
+        "prior.directory",
+        _absolute,
+    ),
+    Flag(
+        "--prior",
+        "prior over the Bayesian kernels: normal = N(0, prior_scale^2); dwp = the "
+        "deep weight prior of --prior-dir (its posterior starts at log-variance -10, as in its "
+        "code)",
+        "prior.kind",
+        update=_prior,
+        options={"choices": PRIORS},
+    ),
+    Flag(
+        "--init-log-var",
+        "initial log-variance of the posterior (preset: -5; -10 with --prior dwp)",
+        "method.guide.init_log_var",
+        options={"type": float},
+    ),
+    Flag(
+        "--dwp-init",
+        "initialise the posterior means with samples of the deep weight prior",
+        "prior.init_from_prior",
+        options={"action": "store_true"},
+    ),
+    Flag(
+        "--dwp-train-encoder",
+        "train the deep weight prior's encoders jointly with the "
+        "posterior, tightening the KL bound (Algorithm 1); the decoders stay frozen",
+        "prior.train_encoder",
+        options={"action": "store_true"},
+    ),
+    Flag(
+        "--kl-weight",
+        "weight of the KL term (1: the ELBO; below 1: a tempered posterior)",
+        "prior.kl_weight",
+        options={"type": float},
+    ),
+    Flag(
+        "--kl-warmup-epochs",
+        "epochs of linear KL warm-up",
+        "prior.kl_warmup_epochs",
+        options={"type": int},
+    ),
+    Flag(
+        "--init-from",
+        "start from the weights of this trained deterministic run",
+        "optimizer.init_from",
+        _absolute,
+    ),
+    Flag(
+        "--freeze",
+        "top-level layers never updated (e.g. down_3 down_4), for fine-tuning",
+        "optimizer.frozen_layers",
+        tuple,
+        options={"nargs": "+", "metavar": "LAYER"},
+    ),
+    Flag(
+        "--learning-rate", "Adam learning rate", "optimizer.learning_rate", options={"type": float}
+    ),
+    Flag(
+        "--data-dir",
+        "BraTS 2018-2024 or MSD Task01 folder (default: the embedded synthetic dataset)",
+        "data.data_dir",
+        _absolute,
+    ),
+    Flag(
+        "--test-size",
+        "fixed, seeded test cases held out, never trained or validated on "
+        "(default: 20%% of a dataset, 0 allowed; 10 on the embedded one)",
+        "data.test_size",
+        options={"type": int},
+    ),
+    Flag(
+        "--validation-size",
+        "fixed, seeded validation cases: early stopping, best checkpoint "
+        "(default: 10%% of a dataset, at least 1; 5 on the embedded one)",
+        "data.validation_size",
+        options={"type": int},
+    ),
+    Flag(
+        "--train-size",
+        "training cases (default: every case not held out; 20 on the embedded "
+        "dataset; paper protocol: 5, 10, 15 or 20)",
+        "data.train_size",
+        options={"type": int},
+    ),
+    Flag(
+        "--train-repeat",
+        "which seeded draw of the training cases (0, 1, ...)",
+        "data.train_repeat",
+        options={"type": int},
+    ),
+    Flag(
+        "--spatial-dims",
+        "3D volumes or 2D axial slices",
+        "backbone.spatial_dims",
+        update=_spatial_dims,
+        options={"type": int, "choices": (2, 3)},
+    ),
+    Flag(
+        "--features",
+        "channels per level, e.g. 16 32 64 128",
+        "backbone.features",
+        tuple,
+        options={"type": int, "nargs": "+", "metavar": "C"},
+    ),
+    Flag(
+        "--patch",
+        "training patch size (3 numbers for 3D, 2 for 2D)",
+        "data.patch_shape",
+        tuple,
+        options={"type": int, "nargs": "+", "metavar": "N"},
+    ),
+    Flag("--batch-size", "patches per step", "data.batch_size", options={"type": int}),
+    Flag(
+        "--unbiased-weights",
+        "weight each voxel by the inverse of its chance to be sampled, so "
+        "that the data term is unbiased despite tumour oversampling (see the README)",
+        "data.unbiased_weights",
+        options={"action": argparse.BooleanOptionalAction},
+    ),
+    Flag(
+        "--steps-per-epoch",
+        "steps counted as one epoch (validation, checkpoints, decay, patience)",
+        "schedule.steps_per_epoch",
+        options={"type": int},
+    ),
+    Flag("--epochs", "training length in epochs", update=_epochs, options={"type": int}),
+    Flag(
+        "--steps",
+        "training length in steps (overrides --epochs)",
+        "schedule.steps",
+        options={"type": int},
+    ),
+    Flag(
+        "--validation-samples",
+        "Monte Carlo samples per validation volume",
+        "schedule.validation_samples",
+        options={"type": int},
+    ),
+    Flag(
+        "--patience",
+        "early stopping patience in epochs (0 disables)",
+        "schedule.patience_epochs",
+        lambda epochs: epochs or None,
+        options={"type": int},
+    ),
+    Flag(
+        "--precision",
+        "bf16: bfloat16 forward/backward passes, float32 weights, optimiser and loss",
+        "precision",
+        options={"choices": ("fp32", "bf16")},
+    ),
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -37,109 +269,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
         default="quick",
         help="quick: minutes on a CPU; paper: the paper code's setup, for a GPU",
     )
-    add(
-        "--data-dir",
-        help="BraTS 2018-2024 or MSD Task01 folder (default: the embedded synthetic dataset)",
-    )
     add("--workdir", help="output folder (default: runs/<backbone>-<method>-<preset>-seed<seed>)")
-    add(
-        "--task",
-        choices=tuple(TASKS),
-        help="wt: whole tumour vs rest (the paper); regions: WT/TC/ET sigmoids",
-    )
-    add(
-        "--method",
-        choices=tuple(METHODS),
-        help="vi: variational posterior; deterministic: MAP; mc_dropout; ensemble",
-    )
-    add(
-        "--prior",
-        choices=("normal", "dwp"),
-        help="prior over the Bayesian kernels: normal = N(0, prior_scale^2); dwp = the deep "
-        "weight prior of --prior-dir",
-    )
-    add("--prior-dir", help="a deep weight prior folder (python -m experiments.train_prior)")
-    add("--init-from", help="start from the weights of this trained deterministic run")
-    add(
-        "--freeze",
-        nargs="+",
-        metavar="LAYER",
-        help="top-level layers never updated (e.g. down_3 down_4), for fine-tuning",
-    )
-    add("--train-repeat", type=int, help="which seeded draw of the training cases (0, 1, ...)")
-    add(
-        "--init-log-var",
-        type=float,
-        help="initial log-variance of the posterior (preset: -5; -10 with --prior dwp, as in "
-        "the deep weight prior code, whose decoders are tight)",
-    )
-    add(
-        "--dwp-init",
-        action="store_true",
-        help="initialise the posterior means with samples of the deep weight prior",
-    )
-    add(
-        "--dwp-train-encoder",
-        action="store_true",
-        help="train the deep weight prior's encoders jointly with the posterior, tightening "
-        "the KL bound (Algorithm 1); the decoders stay frozen",
-    )
-    add(
-        "--estimator",
-        choices=("lrt", "full"),
-        help="VI gradient estimator: local reparameterisation or full weight sampling",
-    )
-    add("--particles", type=int, help="Monte Carlo samples of the data term per step")
-    add(
-        "--epochs",
-        type=int,
-        help="training length in epochs (an epoch is the preset's steps_per_epoch steps)",
-    )
-    add("--steps", type=int, help="training length in steps (overrides --epochs)")
-    add("--train-size", type=int, help="number of training cases (paper protocol: 5, 10, 15 or 20)")
-    add(
-        "--test-size",
-        type=int,
-        help="fixed, seeded test cases held out (never trained on or validated on)",
-    )
-    add(
-        "--validation-size",
-        type=int,
-        help="fixed, seeded validation cases (early stopping, best checkpoint)",
-    )
-    add(
-        "--steps-per-epoch",
-        type=int,
-        help="steps counted as one epoch (validation, checkpoints, decay, patience)",
-    )
-    add("--spatial-dims", type=int, choices=(2, 3), help="3D volumes or 2D axial slices")
-    add(
-        "--patch",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="training patch size (3 numbers for 3D, 2 for 2D)",
-    )
-    add("--batch-size", type=int, help="patches per step")
-    add(
-        "--unbiased-weights",
-        action=argparse.BooleanOptionalAction,
-        help="weight each voxel by the inverse of its chance to be sampled, so that the data "
-        "term is unbiased despite tumour oversampling (preset decides; see the README)",
-    )
-    add("--learning-rate", type=float, help="Adam learning rate")
-    add("--kl-warmup-epochs", type=int, help="epochs of linear KL warm-up")
-    add("--validation-samples", type=int, help="Monte Carlo samples per validation volume")
-    add("--patience", type=int, help="early stopping patience in epochs (0 disables)")
-    add(
-        "--features", type=int, nargs="+", metavar="C", help="channels per level, e.g. 16 32 64 128"
-    )
+    for flag in FLAGS:
+        add(flag.name, help=flag.help, **flag.options)
     add("--seed", type=int, default=0, help="training seed (the data split has its own fixed seed)")
-    add(
-        "--precision",
-        choices=("fp32", "bf16"),
-        help="bf16: bfloat16 forward/backward passes, float32 weights, optimiser and loss",
-    )
     add_device_flags(parser)
     add("--resume", action="store_true", help="continue from the workdir's last checkpoint")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -151,107 +284,37 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     return parser, parser.parse_args(argv)
 
 
+def _given(args: argparse.Namespace, flag: Flag) -> Any:
+    value = getattr(args, flag.name[2:].replace("-", "_"))
+    return None if value is False else value  # store_true flags left off change nothing
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset, with each given flag applied."""
-    config = get_config(args.backbone, args.preset)
-    backbone, data, schedule, method = {}, {}, {}, {}
-    if args.spatial_dims:
-        backbone["spatial_dims"] = args.spatial_dims
-        if args.spatial_dims == 2 and not args.patch:
-            data["patch_shape"] = (2 * config.data.patch_shape[0], 2 * config.data.patch_shape[1])
-    if args.features:
-        backbone["features"] = tuple(args.features)
-    if args.method:
-        method["method"] = args.method
-        if METHODS[args.method].needs_dropout:
-            backbone["dropout_rate"] = 0.1
-    if args.estimator:
-        method["estimator"] = args.estimator
-    if args.particles:
-        method["num_particles"] = args.particles
-    init_log_var = args.init_log_var
-    if init_log_var is None and args.prior == "dwp":
-        init_log_var = -10.0
-    if init_log_var is not None:
-        method["guide"] = dataclasses.replace(config.method.guide, init_log_var=init_log_var)
-    if args.data_dir:
-        data["data_dir"] = str(Path(args.data_dir).absolute())
-    if args.train_size:
-        data["train_size"] = args.train_size
-    if args.patch:
-        data["patch_shape"] = tuple(args.patch)
-    if args.test_size is not None:
-        data["test_size"] = args.test_size
-    if args.validation_size is not None:
-        data["validation_size"] = args.validation_size
-    if args.steps_per_epoch:
-        schedule["steps_per_epoch"] = args.steps_per_epoch
-    if args.batch_size:
-        data["batch_size"] = args.batch_size
-    if args.unbiased_weights is not None:
-        data["unbiased_weights"] = args.unbiased_weights
-    if args.epochs:
-        schedule["steps"] = args.epochs * (args.steps_per_epoch or config.schedule.steps_per_epoch)
-    if args.steps:
-        schedule["steps"] = args.steps
-    if args.validation_samples:
-        schedule["validation_samples"] = args.validation_samples
-    if args.patience is not None:
-        schedule["patience_epochs"] = args.patience or None
-    top = {"seed": args.seed, "devices": args.devices}
-    if args.precision:
-        top["precision"] = args.precision
-    if args.task:
-        top["likelihood"] = dataclasses.replace(config.likelihood, task=args.task)
-    if args.prior:
-        top["prior"] = args.prior
-    if args.prior_dir:
-        top["prior_dir"] = str(Path(args.prior_dir).absolute())
-    if args.dwp_init:
-        top["dwp_init"] = True
-    if args.dwp_train_encoder:
-        top["dwp_train_encoder"] = True
-    if args.init_from:
-        top["init_from"] = str(Path(args.init_from).absolute())
-    if args.freeze:
-        top["frozen_layers"] = tuple(args.freeze)
-    if args.train_repeat is not None:
-        data["train_repeat"] = args.train_repeat
-    if args.learning_rate:
-        top["learning_rate"] = args.learning_rate
-    if args.kl_warmup_epochs is not None:
-        top["kl_warmup_epochs"] = args.kl_warmup_epochs
-    config = with_overrides(
-        config, backbone=backbone, data=data, schedule=schedule, method=method, **top
-    )
-    _check(config)
-    return config
+    """The preset, with each given flag applied in `FLAGS` order; checked once, at the end."""
+    values = get_config(args.backbone, args.preset).to_dict()
+    values.update(seed=args.seed, devices=args.devices)
+    for flag in FLAGS:
+        value = _given(args, flag)
+        if value is None:
+            continue
+        for path, new in flag.updates(values, value).items():
+            *sections, name = path.split(".")
+            target = values
+            for section in sections:
+                target = target[section]
+            target[name] = new
+    try:
+        return TrainConfig.from_dict(values)
+    except ValueError as error:
+        raise ValueError(flag_message(str(error))) from None
 
 
-def _check(config: TrainConfig) -> None:
-    dims = config.backbone.spatial_dims
-    if len(config.data.patch_shape) != dims:
-        raise ValueError(
-            f"--patch needs {dims} numbers for --spatial-dims {dims}, got {list(config.data.patch_shape)}"
-        )
-    if config.schedule.steps < 1:
-        raise ValueError("--steps/--epochs must give at least one step")
-    if config.prior == "dwp" and not config.prior_dir:
-        raise ValueError(
-            "--prior dwp needs --prior-dir (built by python -m experiments.train_prior)"
-        )
-    if config.prior == "dwp" and not METHODS[config.method.method].has_guide:
-        raise ValueError("--prior dwp needs --method vi")
-    if config.prior_dir and config.prior != "dwp":
-        raise ValueError("--prior-dir is only used with --prior dwp")
-    if config.dwp_init and config.prior != "dwp":
-        raise ValueError("--dwp-init needs --prior dwp")
-    if config.dwp_train_encoder and config.prior != "dwp":
-        raise ValueError("--dwp-train-encoder needs --prior dwp")
-    if config.data.validation_size < 1:
-        raise ValueError("--validation-size must be >= 1 (validation picks the best checkpoint)")
-    if config.data.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
+def flag_message(message: str) -> str:
+    """A config error in the words of the command line: each `section.field` as its flag."""
+    for flag in FLAGS:
+        if flag.field is not None:
+            message = message.replace(f"`{flag.field}`", flag.name)
+    return message.replace("`", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     method = config.method.method
     workdir = Path(
         args.workdir
-        or f"runs/{config.backbone.name}-{method}{'-dwp' if config.prior == 'dwp' else ''}"
+        or f"runs/{config.backbone.name}-{method}{'-dwp' if config.prior.kind == 'dwp' else ''}"
         f"-{config.preset}-seed{config.seed}"
     )
     try:

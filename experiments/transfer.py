@@ -25,7 +25,6 @@ The source networks and the prior come from `experiments.train_prior` (built int
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,14 +70,9 @@ def target_config(args: argparse.Namespace, variant: str, size: int, repeat: int
     config = get_config(args.backbone, args.preset)
     source_run = prior.with_name(f"{prior.name}.sources") / "seed0"
     method = {"method": "vi" if variant in ("VI", "DWP", "DWP-E") else "deterministic"}
-    top: dict = {"seed": repeat}
+    optimizer = {}
     if variant in ("PR", "PRf"):
-        top["init_from"] = str(source_run.absolute())
-    if variant in ("DWP", "DWP-E"):
-        top.update(
-            prior="dwp", prior_dir=str(prior.absolute()), dwp_train_encoder=variant == "DWP-E"
-        )
-        method["guide"] = dataclasses.replace(config.method.guide, init_log_var=-10.0)
+        optimizer["init_from"] = str(source_run.absolute())
     data = {"patch_shape": patch, "batch_size": batch, "train_size": size}
     data.update(train_repeat=repeat, test_size=args.test_size, validation_size=args.validation_size)
     if args.data_dir:
@@ -91,12 +85,17 @@ def target_config(args: argparse.Namespace, variant: str, size: int, repeat: int
         backbone=backbone,
         method=method,
         data=data,
+        optimizer=optimizer,
         schedule={"steps": args.steps or steps, "patience_epochs": None},
-        **top,
+        seed=repeat,
     )
+    if variant in ("DWP", "DWP-E"):
+        config = config.with_deep_weight_prior(
+            str(prior.absolute()), train_encoder=variant == "DWP-E"
+        )
     if variant == "PRf":
         net = get_backbone(config.backbone.name, num_classes=2, **config.backbone.kwargs())
-        config = dataclasses.replace(config, frozen_layers=_middle_layers(net.depth))
+        config = with_overrides(config, optimizer={"frozen_layers": _middle_layers(net.depth)})
     return config
 
 

@@ -24,13 +24,13 @@ with warnings.catch_warnings():
 
 from experiments.configs import get_config, with_overrides
 from vi_seg_jax.data.synthetic import write_dataset
-from vi_seg_jax.train.config import TrainConfig
+from vi_seg_jax.train.config import EMBEDDED_SPLIT_SIZES, TrainConfig
 from vi_seg_jax.train.loop import train_and_evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_START_RUN = REPO / "runs" / "unet-vi-quick-seed0"
-# Training cases of the quick preset, hence of the quick-start run.
-DEFAULT_TRAIN_SIZE = get_config("unet", "quick").data.train_size
+# Training cases of the quick-start run (the embedded dataset's protocol).
+DEFAULT_TRAIN_SIZE = EMBEDDED_SPLIT_SIZES[2]
 
 # Small cases on a coarse grid (7.5 × 7.5 × 6.5 mm voxels): generated in a fraction of a second.
 TINY_SHAPE = (32, 32, 24)

@@ -36,7 +36,7 @@ def test_default_samples_follow_the_method():
 
 
 def test_config_rules_come_from_the_method():
-    with pytest.raises(ValueError, match="dropout_rate > 0"):
+    with pytest.raises(ValueError, match="dropout_rate` > 0"):
         TrainConfig(method=MethodConfig(method="mc_dropout"))
     TrainConfig(method=MethodConfig(method="mc_dropout"), backbone=BackboneConfig(dropout_rate=0.1))
 

@@ -87,6 +87,8 @@ class Method:
     has_guide: ClassVar[bool] = False
     # Dropout must be on in the backbone: without it every sample is the same network.
     needs_dropout: ClassVar[bool] = False
+    # The dropout a config gets when it switches to this method (`TrainConfig.with_method`).
+    default_dropout_rate: ClassVar[float] = 0.0
     # Posterior samples carry their own kernels; vmapping them needs batched-kernel convs.
     samples_own_kernels: ClassVar[bool] = False
 
@@ -94,8 +96,8 @@ class Method:
         """Rules across config sections (raises ValueError with the fix)."""
         if self.needs_dropout and dropout_rate <= 0:
             raise ValueError(
-                f"method {self.config.method} needs backbone.dropout_rate > 0 "
-                "(the command line uses 0.1)"
+                f"`method.method` {self.config.method} needs `backbone.dropout_rate` > 0 "
+                f"(its default is {self.default_dropout_rate})"
             )
 
     def default_samples(self, requested: int) -> int:
@@ -140,6 +142,7 @@ class Deterministic(Method):
 
 class MCDropout(Method):
     needs_dropout = True
+    default_dropout_rate = 0.1
 
     def sample_logits(self, backbone, params, guide, index, key, images):
         return apply_backbone(backbone, params, images, train=True, dropout_key=key)[0]

@@ -137,6 +137,90 @@ def test_each_backbone_and_method_runs_end_to_end(
     assert f"tensorboard --logdir {workdir / 'tensorboard'}" in stdout
 
 
+def test_a_three_case_folder_trains_with_no_size_flags(tmp_path, monkeypatch, capsys):
+    from experiments import train
+
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "three"
+    write_dataset(data, num_cases=3, shape=(32, 32, 24), seed=2)
+    sized = {"--test-size", "--validation-size", "--train-size"}
+    tiny = [a for i, a in enumerate(TINY) if a not in sized and TINY[i - 1] not in sized]
+    argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "run"), *tiny, "--steps", "3"]
+    with jax.numpy_dtype_promotion("standard"):
+        assert train.main(argv) == 0
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert [len(splits[name]) for name in ("test", "validation")] == [1, 1]
+    assert [len(entry["cases"]) for entry in splits["train"]] == [1]
+    assert "3 cases: 1 test, 1 validation, 1 training" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes", [[], ["--test-size", "5"], ["--train-size", "9"]])
+def test_a_broken_file_is_what_the_user_hears_about_whatever_the_sizes(
+    tmp_path, monkeypatch, capsys, sizes
+):
+    from experiments import train
+    from experiments.common import run_cli
+
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "two"
+    write_dataset(data, num_cases=2, shape=(32, 32, 24), seed=2)
+    broken = sorted(data.rglob("*t1ce.nii.gz"))[1]
+    broken.write_bytes(b"not a NIfTI file")
+    argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "run"), "--no-progress", *sizes]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--prior", "dwp"], "--prior dwp needs --prior-dir"),
+        (["--prior-dir", "p"], "--prior-dir is only used with --prior dwp"),
+        (["--dwp-init"], "--dwp-init needs --prior dwp"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--method", "ensemble", "--prior", "dwp", "--prior-dir", "p"], "needs --method vi"),
+        (["--spatial-dims", "2", "--patch", "8", "8", "8"], "--patch needs 2 numbers for"),
+        (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+        (["--test-size", "-1"], "--test-size must be >= 0"),
+    ],
+)
+def test_config_rules_are_told_in_the_flags_words(tmp_path, capsys, flags, message):
+    from experiments import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--workdir", str(tmp_path / "run"), *flags])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last and "`" not in last
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_set_what_the_library_decides():
+    from experiments import train
+
+    def config(*argv):
+        return train.config_from_args(train.parse_args(list(argv))[1])
+
+    assert config("--method", "mc_dropout").backbone.dropout_rate == 0.1
+    dwp = config("--prior", "dwp", "--prior-dir", "p")
+    assert dwp.method.guide.init_log_var == -10.0 and dwp.prior.directory.endswith("p")
+    assert (
+        config(
+            "--prior", "dwp", "--prior-dir", "p", "--init-log-var", "-3"
+        ).method.guide.init_log_var
+        == -3.0
+    )
+    assert config("--spatial-dims", "2").data.patch_shape == (64, 64)
+    assert config("--epochs", "3", "--steps-per-epoch", "7").schedule.steps == 21
+    assert config("--epochs", "3", "--steps", "5").schedule.steps == 5
+    assert config("--patience", "0").schedule.patience_epochs is None
+    assert config().data.test_size is None  # sizes come from the dataset
+
+
 def _validation_dice(workdir):
     """Dice of the saved network's prediction on the validation case, recomputed: one
     forward pass on the cached preprocessed volume, then NumPy (argmax, Dice)."""

@@ -125,7 +125,8 @@ def test_train_with_the_deep_weight_prior_and_its_encoders_end_to_end(prior, tmp
         assert train.main([*argv, *resumed, "--steps", "2"]) == 0
         assert train.main([*argv, *resumed, "--steps", "3", "--resume"]) == 0
     config = json.loads((workdir / "config.json").read_text())
-    assert config["prior"] == "dwp" and config["dwp_init"] and config["dwp_train_encoder"]
+    assert config["prior"]["kind"] == "dwp" and config["prior"]["init_from_prior"]
+    assert config["prior"]["train_encoder"]
     assert config["method"]["guide"]["init_log_var"] == -10.0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["kl"]) and np.isfinite(r["loss"]) for r in records if "kl" in r)

@@ -23,11 +23,11 @@ def test_each_variant_trains_what_the_dwp_study_compares():
         "DWP": "vi",
         "DWP-E": "vi",
     }
-    assert {v for v, c in configs.items() if c.init_from} == {"PR", "PRf"}
+    assert {v for v, c in configs.items() if c.optimizer.init_from} == {"PR", "PRf"}
     assert configs["PR"].init_from == str((Path("study/prior.sources") / "seed0").absolute())
-    assert {v for v, c in configs.items() if c.frozen_layers} == {"PRf"}
-    assert {v for v, c in configs.items() if c.prior == "dwp"} == {"DWP", "DWP-E"}
-    assert {v for v, c in configs.items() if c.dwp_train_encoder} == {"DWP-E"}
+    assert {v for v, c in configs.items() if c.optimizer.frozen_layers} == {"PRf"}
+    assert {v for v, c in configs.items() if c.prior.kind == "dwp"} == {"DWP", "DWP-E"}
+    assert {v for v, c in configs.items() if c.prior.train_encoder} == {"DWP-E"}
     assert configs["DWP"].method.guide.init_log_var == -10.0
     for config in configs.values():  # the same target data and budget for every variant
         assert (config.data.train_size, config.data.train_repeat, config.seed) == (5, 1, 1)

@@ -13,7 +13,6 @@ from vi_seg_jax.bayes.elbo import ObjectiveConfig
 from vi_seg_jax.bayes.guide import bayesian_paths
 from vi_seg_jax.bayes.priors import NormalPrior
 from vi_seg_jax.data.preprocess import PreprocessConfig
-from vi_seg_jax.methods import resolve_method
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.state import ModelSpec
 
@@ -30,34 +29,28 @@ def build_spec(config: TrainConfig, num_data: float, *, with_prior: bool = True)
     objective = ObjectiveConfig(
         likelihood=config.likelihood,
         num_data=num_data,
-        kl_weight=config.kl_weight,
-        kl_warmup_steps=config.kl_warmup_epochs * config.schedule.steps_per_epoch,
+        kl_weight=config.prior.kl_weight,
+        kl_warmup_steps=config.prior.kl_warmup_epochs * config.schedule.steps_per_epoch,
     )
     prior = NormalPrior(config.method.prior_scale)
-    if config.prior == "dwp" and with_prior:
+    if config.prior.kind == "dwp" and with_prior:
         prior = _deep_weight_prior(config, backbone, prior)
-    elif config.prior not in ("normal", "dwp"):
-        raise ValueError(f"unknown prior {config.prior!r}; available: normal, dwp")
     return ModelSpec(backbone, config.method, objective, config.optim(), prior, config.precision)
 
 
 def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):
     from vi_seg_jax.dwp.prior import load_prior
 
-    if not resolve_method(config.method).has_guide:
-        raise ValueError("the deep weight prior needs --method vi")
-    if not config.prior_dir:
-        raise ValueError("--prior dwp needs --prior-dir (built by experiments.train_prior)")
     dims = config.backbone.spatial_dims
     sample = jnp.zeros((1, *(2**backbone.depth,) * dims, len(config.data.modalities)))
     shapes = jax.eval_shape(backbone.init, jax.random.key(0), sample)["params"]
     return load_prior(
-        config.prior_dir,
+        config.prior.directory,
         backbone=config.backbone.name,
         spatial_dims=dims,
         paths=bayesian_paths(shapes),
         fallback=fallback,
-        train_encoder=config.dwp_train_encoder,
+        train_encoder=config.prior.train_encoder,
     )
 
 

@@ -44,6 +44,7 @@ from vi_seg_jax.checkpoint import checkpoint_manager, read_meta, restore_checkpo
 from vi_seg_jax.data.cache import PreparedCase, prepare_dataset
 from vi_seg_jax.data.default import ensure_default_dataset
 from vi_seg_jax.data.discovery import discover_cases
+from vi_seg_jax.data.loading import check_geometry
 from vi_seg_jax.data.sampler import PatchSampler
 from vi_seg_jax.data.splits import make_splits
 from vi_seg_jax.errors import DataError
@@ -79,16 +80,16 @@ class _Progress:
 
 def _init_from_run(state: TrainState, config: TrainConfig) -> TrainState:
     """Weights of a trained deterministic run (source pretraining), same architecture."""
-    source = load_trained(config.init_from)
+    source = load_trained(config.optimizer.init_from)
     if not isinstance(source.spec.strategy, Deterministic):
-        raise DataError(Path(config.init_from), "--init-from needs a deterministic run")
+        raise DataError(Path(config.optimizer.init_from), "--init-from needs a deterministic run")
     same = (source.config.backbone, source.config.likelihood.task) == (
         config.backbone,
         config.likelihood.task,
     )
     if not same:
         raise DataError(
-            Path(config.init_from),
+            Path(config.optimizer.init_from),
             f"holds a {source.config.likelihood.task} {source.config.backbone}, this run "
             f"trains a {config.likelihood.task} {config.backbone}",
         )
@@ -103,42 +104,48 @@ def _init_from_prior(state: TrainState, spec: ModelSpec, key: jax.Array) -> Trai
     from vi_seg_jax.dwp.prior import DeepWeightPrior, init_locations_from_prior
 
     if not isinstance(spec.prior, DeepWeightPrior):
-        raise ValueError("--dwp-init needs --prior dwp")
+        raise ValueError("`prior.init_from_prior` needs the deep weight prior")
     guide = init_locations_from_prior(jax.random.fold_in(key, 1), state.guide, spec.prior)
     return state.replace(guide=guide)
 
 
 def load_data(config: TrainConfig, *, progress: bool = True):
-    """Discovers, splits and prepares the cases. Returns (splits, train cases, val cases)."""
+    """Discovers, checks, splits and prepares the cases.
+
+    Every case's files are checked (headers, shapes, affines) before the split sizes, so a
+    broken file is what the user hears about first. Returns (dataset, splits, train cases,
+    validation cases).
+    """
     data_dir = config.data.data_dir or ensure_default_dataset(progress=progress)
     dataset = discover_cases(data_dir, modalities=config.data.modalities, require_labels=True)
-    held_out = config.data.test_size + config.data.validation_size
-    train_size = config.data.train_size or len(dataset) - held_out
-    if train_size < 1 or held_out + train_size > len(dataset):
-        raise DataError(
-            dataset.root,
-            f"{len(dataset)} cases cannot give {config.data.test_size} test, "
-            f"{config.data.validation_size} validation and {train_size} training cases",
-        )
+    for case in dataset.cases:
+        check_geometry(case, config.data.modalities)
+    try:
+        sizes = config.data.split_sizes(len(dataset))
+    except ValueError as error:
+        raise DataError(dataset.root, str(error)) from None
     splits = make_splits(
         [case.case_id for case in dataset.cases],
         config.data.split_seed,
-        test_size=config.data.test_size,
-        validation_size=config.data.validation_size,
-        train_sizes=(train_size,),
+        test_size=sizes.test,
+        validation_size=sizes.validation,
+        train_sizes=(sizes.train,),
         repeats=config.data.train_repeat + 1,
     )
-    preprocess_config = preprocess_config_for(config)
+    train_ids = splits.train[(sizes.train, config.data.train_repeat)]
     by_id = {case.case_id: case for case in dataset.cases}
-    wanted = set(splits.train[(train_size, config.data.train_repeat)]) | set(splits.validation)
+    wanted = set(train_ids) | set(splits.validation)
     subset = dataclasses.replace(dataset, cases=tuple(by_id[c] for c in sorted(wanted)))
     prepared = {
         case.case_id: case
         for case in prepare_dataset(
-            subset, modalities=config.data.modalities, config=preprocess_config, progress=progress
+            subset,
+            modalities=config.data.modalities,
+            config=preprocess_config_for(config),
+            progress=progress,
         )
     }
-    train = [prepared[c] for c in splits.train[(train_size, config.data.train_repeat)]]
+    train = [prepared[c] for c in train_ids]
     validation = [prepared[c] for c in splits.validation]
     return dataset, splits, train, validation
 
@@ -159,14 +166,15 @@ def train_and_evaluate(
     start_time = time.perf_counter()
     workdir = Path(workdir)
     checkpoints = workdir / "checkpoints"
-    manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
-    if manager.latest_step() is not None and not resume:
-        raise DataError(
-            workdir,
-            "already holds checkpoints; pass --resume to continue or choose another --workdir",
-        )
-    if resume and manager.latest_step() is not None:
-        _check_same_run(read_meta(manager)["config"], config, checkpoints)
+    if checkpoints.is_dir():  # the manager creates its folder: none before the data is read
+        manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
+        if manager.latest_step() is not None and not resume:
+            raise DataError(
+                workdir,
+                "already holds checkpoints; pass --resume to continue or choose another --workdir",
+            )
+        if resume and manager.latest_step() is not None:
+            _check_same_run(read_meta(manager)["config"], config, checkpoints)
 
     primary = is_primary()
     progress = progress and primary
@@ -174,7 +182,12 @@ def train_and_evaluate(
     shared = replicated(mesh)
     rows = process_rows(mesh, config.data.batch_size)
     dataset, splits, train_cases, validation_cases = load_data(config, progress=progress)
+    manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
     if primary:
+        print(
+            f"{len(dataset)} cases: {len(splits.test)} test, {len(splits.validation)} "
+            f"validation, {len(train_cases)} training"
+        )
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(workdir / "config.json", config.to_dict())
         write_json_atomic(
@@ -197,9 +210,9 @@ def train_and_evaluate(
     init_key, _, eval_key, data_key = jax.random.split(jax.random.key(config.seed), 4)
     sample_images = sampler.batch_at(data_key, 0, rows).images
     state = create_train_state(init_key, spec, sample_images, shared)
-    if config.init_from:
+    if config.optimizer.init_from:
         state = jax.device_put(_init_from_run(state, config), shared)
-    if config.dwp_init:
+    if config.prior.init_from_prior:
         state = jax.device_put(_init_from_prior(state, spec, init_key), shared)
     progress_state = _Progress()
     if resume and manager.latest_step() is not None:
