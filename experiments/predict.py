@@ -1,7 +1,7 @@
 """Segment cases with a trained run and write uncertainty maps (QU-BraTS format).
 
     python -m experiments.predict --checkpoint runs/unet-vi-quick-seed0 --input CASE_OR_DATASET \\
-        --out predictions/ [--samples 20]
+        --out predictions/ [--samples 20] [--tta flips]
     python -m experiments.predict --checkpoint runs/unet-vi-quick-seed0 --split test --out predictions/
 
 Per case, on the source grid with the source affine (opens in 3D Slicer / ITK-SNAP):
@@ -10,8 +10,15 @@ Per case, on the source grid with the source affine (opens in 3D Slicer / ITK-SN
 <case>_aleatoric / _epistemic / _prob.nii.gz (float maps; _prob_uncalibrated too when a
 temperature is applied) and <case>_overview.png. `OUT/prediction.json` records the
 checkpoint, step, samples, windows and temperatures used. The temperatures were fitted with
-the default samples and windows; other settings are allowed, with a note. `--continue`
-picks up an interrupted run: cases already written in full with the same settings are kept.
+the default samples and windows, without TTA; other settings are allowed, with a note.
+`--continue` picks up an interrupted run: cases already written in full with the same
+settings (TTA included) are kept.
+
+`--tta flips` (test-time augmentation) evaluates every sample on each mirroring of the
+spatial axes (8 in 3D, 4 for a 2D backbone: that many times the cost), flipped back, and
+pools all (sample, flip) pairs into the predictive; <case>_tta.nii.gz is the variance across
+the flips' means, and _epistemic the variance within a flip, so that aleatoric + epistemic +
+tta = p̄(1 − p̄). The temperatures are applied unchanged.
 
 The Monte Carlo samples of a case are spread over all devices (`--devices N` for fewer);
 the maps equal one device's up to float rounding. Multi-process runs take the flags of
@@ -52,6 +59,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--overlap", type=float, default=0.25, help="overlap of neighbouring tiles, in [0, 1)")
     add("--tile-batch", type=int, default=1, help="tiles evaluated together")
     add("--chunk", type=int, default=1, help="samples evaluated together (memory grows with it)")
+    add(
+        "--tta",
+        choices=("none", "flips"),
+        default="none",
+        help="test-time augmentation: 'flips' evaluates every sample on each mirroring of the "
+        "spatial axes (8 in 3D, 4 in 2D; cost ×8 / ×4) and writes <case>_tta.nii.gz",
+    )
     add("--skip-bad", action="store_true", help="warn about and skip invalid cases")
     add(
         "--continue",
@@ -93,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overlap=args.overlap,
         tile_batch=args.tile_batch,
         mesh=args.mesh,
+        tta=args.tta,
     )
     record = predict_folder(
         predictor,
@@ -103,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
         resume=args.resume,
     )
+    flips = "" if predictor.flips is None else f" × {predictor.num_flips} flips"
     print(
-        f"{len(record['cases'])} case(s), {record['samples']} samples each, "
+        f"{len(record['cases'])} case(s), {record['samples']} samples each{flips}, "
         f"checkpoint step {record['step']}: {args.out}/",
         file=sys.stderr,
     )

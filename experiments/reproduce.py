@@ -14,7 +14,10 @@ each cell) and `tables/dice_iou.csv`.
 `--table methods`: on one split (`--method-train-size`), the deterministic network, MC
 dropout, a deep ensemble, N(0, 1) VI and — with `--prior-dir` — the deep weight prior, each
 predicted on the test cases with T samples and evaluated (Dice, IoU, HD95, ECE, Brier, NLL,
-QU-BraTS score). Writes `tables/methods.md`, `tables/methods.csv` and `tables/methods.png`.
+QU-BraTS score). The deterministic and VI runs are predicted a second time with test-time
+flips (rows `deterministic + TTA`, `vi + TTA`: every sample on each mirroring of the
+spatial axes, the same trained run and temperatures). Writes `tables/methods.md`,
+`tables/methods.csv` and `tables/methods.png`.
 
 The `quick` preset (2D U-Net/V-Net/FCN, 8-64 channels, 64² patches, 150 steps) runs on a
 CPU; `paper` is the paper code's 3D setup for a GPU. Finished runs are reused on a rerun.
@@ -23,7 +26,6 @@ CPU; `paper` is the paper code's 3D setup for a GPU. Finished runs are reused on
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +36,7 @@ from experiments.studies import mean_std_table, run_grid, train_or_reuse, write_
 
 BACKBONES = ("unet", "vnet", "fcn")
 METHODS = ("deterministic", "mc_dropout", "ensemble", "vi", "dwp")
+TTA_METHODS = ("deterministic", "vi")  # also predicted with test-time flips (+ TTA rows)
 # The paper's BraTS numbers (method.md §8), %: {(metric, backbone): {train size: value}}.
 PAPER = {
     ("dice", "unet"): {5: 53.1, 10: 56.6, 15: 60.8, 20: 64.3},
@@ -77,17 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_config(args: argparse.Namespace, backbone: str, method: str, size: int, repeat: int):
     """The configuration of one run of either study."""
     dims, patch, batch, steps = _PRESETS[args.preset]
-    config = get_config(backbone, args.preset)
+    config = get_config(backbone, args.preset).with_method("vi" if method == "dwp" else method)
     backbone_overrides: dict = {"spatial_dims": dims}
     if args.features:
         backbone_overrides["features"] = tuple(args.features)
-    method_overrides: dict = {"method": "vi" if method == "dwp" else method}
-    top: dict = {"seed": repeat}
-    if method == "mc_dropout":
-        backbone_overrides["dropout_rate"] = 0.1
     if method == "dwp":
-        top.update(prior="dwp", prior_dir=str(args.prior_dir.absolute()))
-        method_overrides["guide"] = dataclasses.replace(config.method.guide, init_log_var=-10.0)
+        config = config.with_deep_weight_prior(str(args.prior_dir.absolute()))
     data = {"patch_shape": patch, "batch_size": batch, "train_size": size}
     data.update(train_repeat=repeat, test_size=args.test_size)
     data["validation_size"] = args.validation_size
@@ -96,10 +94,9 @@ def run_config(args: argparse.Namespace, backbone: str, method: str, size: int, 
     return with_overrides(
         config,
         backbone=backbone_overrides,
-        method=method_overrides,
         data=data,
         schedule={"steps": args.steps or steps, "patience_epochs": None},
-        **top,
+        seed=repeat,
     )
 
 
@@ -147,23 +144,31 @@ def methods_table(args: argparse.Namespace) -> None:
 
     tables = args.out / "tables"
     tables.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # (row, method, tta): each method, and the TTA methods again with flips after their row.
+    entries = []
     for method in args.methods:
+        entries.append((method, method, "none"))
+        if method in TTA_METHODS:
+            entries.append((f"{method} + TTA", method, "flips"))
+    rows = []
+    for row, method, tta in entries:
         workdir = args.out / "runs" / f"method-{method}-n{args.method_train_size}"
         train_or_reuse(run_config(args, "unet", method, args.method_train_size, 0), workdir)
-        predictions = args.out / "predictions" / method
+        folder = method if tta == "none" else f"{method}-tta"
+        predictions = args.out / "predictions" / folder
         if not (predictions / PREDICTION_FILE).exists():
             fixed = method in ("deterministic", "ensemble")  # 1 sample / one per member
             predictor = Predictor(
                 load_trained(workdir),
                 num_samples=None if fixed else args.samples,
                 mesh=data_mesh(),  # every device, as `experiments.predict`
+                tta=tta,
             )
             predict_folder(predictor, predictions, split="test", progress=False)
         run = PredictionRun.read(predictions)
-        summary = evaluate_folder(run, args.out / "evaluation" / method, progress=False)["wt"]
+        summary = evaluate_folder(run, args.out / "evaluation" / folder, progress=False)["wt"]
         # Metrics in alphabetical order, the columns methods.csv has always had.
-        rows.append({"method": method} | {m: summary[m]["mean"] for m in sorted(summary)})
+        rows.append({"method": row} | {m: summary[m]["mean"] for m in sorted(summary)})
         write_csv(tables / "methods.csv", rows)
     shown = ("dice", "iou", "hd95", "ece", "brier", "nll", "qubrats_score")
     lines = ["| method | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]

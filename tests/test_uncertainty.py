@@ -11,9 +11,12 @@ from vi_seg_jax.bayes.layers import apply_backbone
 from vi_seg_jax.methods import MethodConfig
 from vi_seg_jax.train.state import ModelSpec, create_train_state
 from vi_seg_jax.uncertainty import (
+    Predictive,
+    TTAPredictive,
     _psum_devices,
     add_samples,
     empty_sums,
+    mirror_flips,
     num_chunks,
     posterior_predictive,
     sample_fn_for,
@@ -277,3 +280,114 @@ def test_every_ensemble_member_is_one_sample():
     out = predictive(changed, members)
     np.testing.assert_allclose(out.mean, moved.mean(0), rtol=1e-5, atol=1e-7)
     assert float(np.max(np.abs(np.asarray(out.mean) - want["mean"]))) > 1e-3
+
+
+# --------------------------------------------------------------------- test-time flips
+
+
+def _flip_sample_fn(seed, shape, task, *, equivariant):
+    """Sample t: probabilities of `a_t · x + b_t` (pointwise: flip-equivariant) or of
+    `a_t · x + L_t` with a random logit field L_t (not: a flip moves L_t against x)."""
+    rng = np.random.default_rng(seed)
+    num_samples, k = shape[0], shape[-1]
+    scale = jnp.asarray(rng.normal(size=(num_samples, 1, 1, 1, k)), jnp.float32)
+    field = rng.normal(size=(num_samples, k)) if equivariant else rng.normal(size=shape)
+    field = jnp.asarray(field * 2.0, jnp.float32)
+    if equivariant:
+        field = field[:, None, None, None, :]
+
+    def sample(index, key, images):
+        return probabilities(scale[index] * images + field[index], task)
+
+    return sample
+
+
+def _flip_reference(sample, images, num_samples, flips, task):
+    """The TTA decompositions in float64 from the stored float32 p̂_tf [T, F, B, *S, K],
+    each evaluated on its own: p̂_tf = flip_f(net_t(flip_f(x)))."""
+    p = np.stack(
+        [
+            np.stack(
+                [
+                    np.flip(np.asarray(sample(t, None, jnp.flip(images, axes))), axes)
+                    for axes in flips
+                ]
+            )
+            for t in range(num_samples)
+        ]
+    ).astype(np.float64)
+    want = _reference(p.reshape(-1, *p.shape[2:]), task)  # pooled over every pair
+    per_flip = p.mean(0)  # p̄_f [F, ...]
+
+    def entropy(q):
+        ent = -q * np.log(np.where(q > 0, q, 1.0))
+        if task == "regions":
+            ent = ent - (1 - q) * np.log(np.where(q < 1, 1 - q, 1.0))
+        return ent.sum(-1)
+
+    flip_entropy = entropy(per_flip).mean(0)  # mean_f H[p̄_f]
+    want.update(
+        epistemic=((p - per_flip) ** 2).mean((0, 1)),
+        tta=((per_flip - want["mean"]) ** 2).mean(0),
+        mutual_information=flip_entropy - want["expected_entropy"],
+        tta_information=want["entropy"] - flip_entropy,
+    )
+    return want
+
+
+@pytest.mark.parametrize(("task", "chunk_size"), [("wt", 1), ("regions", 3)])
+def test_flip_decompositions_equal_a_float64_brute_force(task, chunk_size):
+    k = 2 if task == "wt" else 3
+    shape = (7, 2, 4, 5, k)  # T = 7: a partial last chunk at 3
+    sample = _flip_sample_fn(0, shape, task, equivariant=False)
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(*shape[1:-1], 1)), jnp.float32)
+    flips = mirror_flips((1, 2))
+    assert flips == ((), (1,), (2,), (1, 2))
+    out = posterior_predictive(
+        sample, images, jax.random.key(1), num_samples=7, chunk_size=chunk_size, task=task,
+        flips=flips,
+    )  # fmt: skip
+    assert isinstance(out, TTAPredictive)
+    want = _flip_reference(sample, images, 7, flips, task)
+    for name, value in want.items():
+        atol = 1e-9 if name in ("aleatoric", "epistemic", "tta") else 1e-6
+        np.testing.assert_allclose(getattr(out, name), value, rtol=1e-5, atol=atol, err_msg=name)
+    assert np.max(want["tta"]) > 1e-2 and np.max(want["epistemic"]) > 1e-2  # both parts real
+    # The law of total variance over (sample, flip): the three parts sum to p̄(1 − p̄).
+    mean = want["mean"]
+    total = want["aleatoric"] + want["epistemic"] + want["tta"]
+    np.testing.assert_allclose(total, mean * (1 - mean), atol=1e-12)
+    total = np.asarray(out.aleatoric + out.epistemic + out.tta, np.float64)
+    np.testing.assert_allclose(total, mean * (1 - mean), atol=1e-6)
+    # ... and so does the entropy: H[p̄] = E[H] + MI (within flips) + TTA information.
+    parts = out.expected_entropy + out.mutual_information + out.tta_information
+    np.testing.assert_allclose(parts, out.entropy, atol=2e-6)
+
+
+def test_flips_of_an_equivariant_network_add_no_variance_and_change_no_map():
+    shape = (5, 1, 4, 6, 3)
+    sample = _flip_sample_fn(2, shape, "regions", equivariant=True)
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(*shape[1:-1], 1)), jnp.float32)
+    sizes = dict(num_samples=5, chunk_size=2, task="regions")
+    plain = posterior_predictive(sample, images, jax.random.key(0), **sizes)
+    flipped = posterior_predictive(
+        sample, images, jax.random.key(0), flips=mirror_flips((1, 2)), **sizes
+    )
+    np.testing.assert_array_equal(flipped.tta, 0.0)
+    np.testing.assert_array_equal(flipped.tta_information, 0.0)
+    for name in Predictive._fields:
+        np.testing.assert_allclose(
+            getattr(flipped, name), getattr(plain, name), rtol=1e-6, atol=1e-9, err_msg=name
+        )
+    assert float(np.max(plain.epistemic)) > 1e-3  # the samples differ all the same
+
+
+def test_identity_flip_alone_is_the_plain_predictive():
+    shape = (4, 2, 3, 3, 2)
+    sample = _flip_sample_fn(4, shape, "wt", equivariant=False)
+    images = jnp.ones((*shape[1:-1], 1), jnp.float32)
+    plain = posterior_predictive(sample, images, jax.random.key(0), num_samples=4)
+    alone = posterior_predictive(sample, images, jax.random.key(0), num_samples=4, flips=((),))
+    for name in Predictive._fields:
+        np.testing.assert_array_equal(getattr(alone, name), getattr(plain, name), err_msg=name)
+    np.testing.assert_array_equal(alone.tta, 0.0)

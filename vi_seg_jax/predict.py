@@ -1,8 +1,7 @@
 """Prediction with a trained run: whole volumes, uncertainty maps, files on the source grid.
 
-`load_trained(workdir)` restores the best checkpoint of a training workdir (by validation
-Dice; the latest when none is marked best) with its configuration and, when it was fitted
-for that checkpoint, the per-region temperatures (`calibration.json`). `fit_temperatures`
+`load_trained(path)` restores a trained model from a training workdir or an exported archive
+(`run_folder`, `model_archive`). `fit_temperatures`
 fits them on validation cases with the `Predictor` settings that prediction uses (samples,
 windows), so the temperature calibrates the very predictive it is applied to. `predict_case` runs
 T posterior samples over the whole preprocessed volume (Gaussian sliding windows, one
@@ -21,6 +20,15 @@ Which predictive each output describes, per region (WT for `task="wt"`; WT, TC, 
 - `uncalibrated` (`_prob_uncalibrated`, written when a temperature is applied) is p̄ itself;
 - `aleatoric` and `epistemic` (Kwon et al.) split the variance of the samples, whose mean is
   p̄: aleatoric + epistemic = p̄(1 − p̄), the uncalibrated probability's variance.
+
+Test-time augmentation (`Predictor(tta="flips")`): every sample is also evaluated on each
+mirroring of the spatial axes (8 in 3D, 4 for a 2D backbone's axial slices; the cost is that
+many times the samples'), flipped back, and p̄ is the mean over all (sample, flip) pairs, so
+the probabilities, segmentation and QU-BraTS maps include the flips. The variance then
+splits three ways (`uncertainty.TTAPredictive`): aleatoric, epistemic (within a flip, across
+samples; 0 for a single deterministic network) and `tta` (`_tta`, across the flips' means),
+with aleatoric + epistemic + tta = p̄(1 − p̄). The temperatures, fitted without TTA, are
+applied as they are; `tta` is recorded with the settings.
 """
 
 from __future__ import annotations
@@ -39,145 +47,57 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from vi_seg_jax.calibration import (
-    CALIBRATION_FILE,
     apply_temperature,
     calibrate,
-    region_names,
     region_probabilities,
     region_truth,
 )
-from vi_seg_jax.checkpoint import checkpoint_manager, read_meta, restore_checkpoint
 from vi_seg_jax.data.cache import PreparedCase
 from vi_seg_jax.data.discovery import CaseFiles, discover_cases
 from vi_seg_jax.data.loading import load_case
 from vi_seg_jax.data.preprocess import preprocess, to_original_grid
-from vi_seg_jax.errors import DataError, first_line
+from vi_seg_jax.errors import DataError
 from vi_seg_jax.evaluation import PREDICTION_FILE, prediction_record
 from vi_seg_jax.inference import WindowConfig, volume_sample_fn
 from vi_seg_jax.io.folders import write_json_atomic
 from vi_seg_jax.io.nifti import read_nifti_header, write_nifti
+from vi_seg_jax.model_archive import is_model_archive, load_archive
 from vi_seg_jax.parallel import batch_sharded, is_primary, replicated
+from vi_seg_jax.run_folder import TrainedModel, read_run, read_splits
 from vi_seg_jax.task import get_task
-from vi_seg_jax.train.build import backbone_multiple, build_spec, preprocess_config_for
-from vi_seg_jax.train.config import TrainConfig
-from vi_seg_jax.train.state import ModelSpec, TrainState, create_train_state
+from vi_seg_jax.train.build import backbone_multiple, preprocess_config_for
 from vi_seg_jax.uncertainty import (
     Predictive,
+    PredictiveSums,
+    TTAPredictive,
+    TTASums,
     add_samples,
     add_samples_per_device,
+    close_flip,
     empty_sums,
+    empty_tta_sums,
+    flipped_sample_fn,
+    mirror_flips,
     num_chunks,
     sample_fn_for,
     sum_devices,
     summarize,
+    summarize_tta,
 )
 
 # Preprocessed volumes are zero-padded up to a multiple of this per axis, so that cases of
 # similar size share one compiled predictor.
 SHAPE_BUCKET = 32
 DEFAULT_WINDOW = 96
-DEFAULT_SAMPLES = 20  # Monte Carlo samples of a case, for the methods that sample
+TTA_MODES = ("none", "flips")  # test-time augmentation: none, or every mirroring
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-    """A restored run: configuration, model, state at `step`, temperatures (region → T).
-
-    `calibrated_with`: the `Predictor.settings()` the temperatures were fitted with.
-    """
-
-    workdir: Path
-    config: TrainConfig
-    spec: ModelSpec
-    state: TrainState
-    step: int
-    temperatures: dict[str, float]
-    calibrated_with: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def task(self) -> str:
-        return self.config.likelihood.task
-
-    @property
-    def regions(self) -> tuple[str, ...]:
-        return region_names(self.task)
-
-    def default_samples(self) -> int:
-        return self.spec.strategy.default_samples(DEFAULT_SAMPLES)
-
-
-def _best_step(workdir: Path, steps: list[int]) -> int:
-    summary = workdir / "summary.json"
-    if summary.exists():
-        best = json.loads(summary.read_text()).get("best_step")
-        if best in steps:
-            return best
-    return max(steps)
-
-
-def load_trained(workdir: str | Path, step: int | None = None) -> TrainedModel:
-    """Restores a training workdir's best (or given) checkpoint.
-
-    Raises:
-      DataError: not a training workdir, no checkpoint, or a checkpoint that does not
-        match the workdir's configuration (another backbone or size).
-    """
-    workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    checkpoints = workdir / "checkpoints"
-    if not config_path.is_file():
-        raise DataError(workdir, "not a training workdir (no config.json)")
-    if not checkpoints.is_dir():
-        raise DataError(workdir, "holds no checkpoints/ folder")
-    try:
-        config = TrainConfig.from_dict(json.loads(config_path.read_text()))
-    except (ValueError, TypeError, KeyError) as error:
-        raise DataError(config_path, f"not a valid training configuration ({error})") from None
-    manager = checkpoint_manager(checkpoints)
-    steps = list(manager.all_steps())
-    if not steps:
-        raise DataError(checkpoints, "no checkpoint found")
-    if step is None:
-        step = _best_step(workdir, steps)
-    elif step not in steps:
-        raise DataError(checkpoints, f"no checkpoint at step {step}; available: {sorted(steps)}")
-    saved = TrainConfig.from_dict(read_meta(manager, step)["config"]).backbone
-    if saved != config.backbone:
-        raise DataError(
-            checkpoints / str(step),
-            f"was written for backbone {saved}, config.json has {config.backbone}",
-        )
-    spec = build_spec(config, num_data=1.0, with_prior=False)
-    patch = tuple(config.data.patch_shape)
-    dummy = jax.ShapeDtypeStruct((1, *patch, len(config.data.modalities)), jnp.float32)
-    like = jax.eval_shape(lambda x: create_train_state(jax.random.key(0), spec, x), dummy)
-    try:
-        state, _ = restore_checkpoint(manager, like, step)
-    except (ValueError, KeyError, TypeError) as error:
-        raise DataError(
-            checkpoints / str(step),
-            f"does not match the {config.backbone.name} model of config.json ({first_line(error)})",
-        ) from None
-    return TrainedModel(workdir, config, spec, state, step, *_calibration(workdir, step))
-
-
-def read_splits(workdir: str | Path) -> dict:
-    """A training workdir's `splits.json` (dataset root and the case ids of each split)."""
-    path = Path(workdir) / "splits.json"
-    if not path.is_file():
-        raise DataError(Path(workdir), "holds no splits.json")
-    return json.loads(path.read_text())
-
-
-def _calibration(workdir: Path, step: int) -> tuple[dict[str, float], dict]:
-    """Temperatures fitted for checkpoint `step` and the predictor settings used, if any."""
-    path = workdir / CALIBRATION_FILE
-    if not path.exists():
-        return {}, {}
-    calibration = json.loads(path.read_text())
-    if calibration.get("step") != step:
-        return {}, {}
-    return calibration["temperature"], calibration.get("predictor", {})
+def load_trained(path: str | Path, step: int | None = None) -> TrainedModel:
+    """A trained model from a training workdir (`run_folder.read_run`) or an exported archive
+    (`model_archive.load_archive`): the best (or given) checkpoint with its temperatures."""
+    if is_model_archive(path):
+        return load_archive(path, step)
+    return read_run(path, step)
 
 
 def case_key(seed: int, case_id: str) -> jax.Array:
@@ -196,10 +116,12 @@ class CasePrediction:
         no temperature is applied (then `probabilities` is p̄).
       uncertainty: [X, Y, Z, R] QU-BraTS uncertainty in [0, 100].
       aleatoric, epistemic: [X, Y, Z, R] Kwon et al. split of the samples' variance:
-        aleatoric + epistemic = p̄(1 − p̄) of `uncalibrated`.
+        aleatoric + epistemic (+ tta) = p̄(1 − p̄) of `uncalibrated`.
       mutual_information: [X, Y, Z] epistemic entropy part (nats).
       image: [X, Y, Z, C] the input; truth: [X, Y, Z] canonical classes or None.
       task: the run's task (`vi_seg_jax.task`), which decides how labels are written.
+      tta: [X, Y, Z, R] the variance across the flips' means (test-time augmentation);
+        None without TTA. `epistemic` is then the variance within a flip.
     """
 
     case: CaseFiles
@@ -215,10 +137,17 @@ class CasePrediction:
     affine: np.ndarray
     reference: Path
     task: str = "wt"
+    tta: np.ndarray | None = None
 
 
 class Predictor:
-    """Compiled posterior-predictive chunks for one model and window (cached per shape)."""
+    """Compiled posterior-predictive chunks for one model and window (cached per shape).
+
+    `tta="flips"`: every sample is evaluated on each mirroring of the spatial axes (8 in 3D,
+    4 for a 2D backbone), flip by flip (all samples under the first flip, then under the
+    next, ...; sample t is the same network under every flip), so the cost is F times the
+    samples' and memory is that of one flip's running state. See the module docstring.
+    """
 
     def __init__(
         self,
@@ -230,7 +159,10 @@ class Predictor:
         overlap: float = 0.25,
         tile_batch: int = 1,
         mesh: Mesh | None = None,
+        tta: str = "none",
     ):
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
         self.model = model
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.devices = 1 if self.mesh is None else self.mesh.size
@@ -244,11 +176,30 @@ class Predictor:
         self.bucket = max(SHAPE_BUCKET, multiple)
         self.overlap = overlap
         self.tile_batch = tile_batch
+        self.tta = tta
+        # Mirrorings of the volume [X, Y, Z, C]: a 2D backbone's slices are not flipped in Z.
+        spatial = tuple(range(model.config.backbone.spatial_dims))
+        self.flips = None if tta == "none" else mirror_flips(spatial)
         self._compiled: dict[WindowConfig, tuple[Callable, Callable]] = {}
+        self._flip_fns: tuple[Callable, Callable] | None = None
+
+    @property
+    def num_flips(self) -> int:
+        """F: evaluations of each sample (1 without TTA)."""
+        return 1 if self.flips is None else len(self.flips)
 
     def settings(self) -> dict:
-        """What decides the predictive: samples and sliding windows (recorded with outputs)."""
-        return {"samples": self.num_samples, "window": self.window_size, "overlap": self.overlap}
+        """What decides the predictive: samples, sliding windows and TTA (recorded with outputs).
+
+        `tta` is there only when it is not "none", so settings recorded before TTA existed
+        (`calibration.json`) still equal those of a predictor without it.
+        """
+        settings = {
+            "samples": self.num_samples,
+            "window": self.window_size,
+            "overlap": self.overlap,
+        }
+        return settings if self.tta == "none" else {**settings, "tta": self.tta}
 
     def window_for(self, shape: tuple[int, ...]) -> WindowConfig:
         """Cubic tiles (3D, at most the volume) or whole axial slices (2D backbones)."""
@@ -268,8 +219,10 @@ class Predictor:
             batched = self.chunk_size > 1 and spec.strategy.samples_own_kernels
             add_spec = spec.for_batched_kernels() if batched else spec
 
-            def add(sums, state, volume, key, chunk):
+            def add(sums, state, volume, key, chunk, flip=None):
                 sample_fn = volume_sample_fn(sample_fn_for(add_spec, state), window, dims)
+                if flip is not None:  # TTA: `self.flips[flip]` (one compiled function)
+                    sample_fn = flipped_sample_fn(sample_fn, self.flips, flip)
                 sizes = dict(chunk_size=self.chunk_size, num_samples=self.num_samples, task=task)
                 if self.mesh is None:
                     return add_samples(sums, sample_fn, volume, key, chunk, **sizes)
@@ -293,10 +246,30 @@ class Predictor:
             )
         return self._compiled[window]
 
+    def _tta_fns(self) -> tuple[Callable, Callable]:
+        """Jitted `(flip sums) -> no flips` and `(TTA sums, flip sums) -> flip closed`."""
+        if self._flip_fns is None:
+            task = self.model.task
+
+            def pooled(sums: PredictiveSums) -> PredictiveSums:  # over the devices' stack
+                return sums if self.mesh is None else sum_devices(sums)
+
+            def start(sums: PredictiveSums) -> TTASums:
+                return empty_tta_sums(pooled(sums))
+
+            def close(tta: TTASums, sums: PredictiveSums) -> TTASums:
+                return close_flip(tta, pooled(sums), task)
+
+            self._flip_fns = (jax.jit(start), jax.jit(close, donate_argnums=(0,)))
+        return self._flip_fns
+
     def predictive(
         self, volume: np.ndarray, key: jax.Array, *, progress: Callable | None = None
-    ) -> Predictive:
-        """The predictive maps of one preprocessed volume [X, Y, Z, C] on its own grid."""
+    ) -> Predictive | TTAPredictive:
+        """The predictive maps of one preprocessed volume [X, Y, Z, C] on its own grid.
+
+        `progress(n)` is told the evaluations done so far, of samples × flips.
+        """
         shape = volume.shape[:3]
         bucketed = tuple(-(-s // self.bucket) * self.bucket for s in shape)
         padding = [(0, b - s) for b, s in zip(bucketed, shape, strict=True)] + [(0, 0)]
@@ -304,15 +277,29 @@ class Predictor:
         window = self.window_for(bucketed)
         init, add = self._chunk_fn(window)
         state, padded = self.state, jnp.asarray(padded)
-        sums = init(state, padded, key)
         per_step = self.chunk_size * self.devices
-        for step in range(num_chunks(self.num_samples, per_step)):
-            sums = add(sums, state, padded, key, jnp.asarray(step))
-            if progress is not None:
-                progress(min((step + 1) * per_step, self.num_samples))
-        out = summarize(sums if self.mesh is None else sum_devices(sums), self.model.task)
+        steps = num_chunks(self.num_samples, per_step)
+        if self.flips is None:
+            sums = init(state, padded, key)
+            for step in range(steps):
+                sums = add(sums, state, padded, key, jnp.asarray(step))
+                if progress is not None:
+                    progress(min((step + 1) * per_step, self.num_samples))
+            out = summarize(sums if self.mesh is None else sum_devices(sums), self.model.task)
+        else:
+            start, close = self._tta_fns()
+            tta = start(init(state, padded, key))
+            for flip in range(self.num_flips):  # flip by flip: one flip's sums at a time
+                sums = init(state, padded, key)
+                for step in range(steps):
+                    sums = add(sums, state, padded, key, jnp.asarray(step), jnp.asarray(flip))
+                    if progress is not None:
+                        done = min((step + 1) * per_step, self.num_samples)
+                        progress(flip * self.num_samples + done)
+                tta = close(tta, sums)
+            out = summarize_tta(tta, self.model.task)
         crop = tuple(slice(0, s) for s in shape)
-        return Predictive(*(np.asarray(field)[crop] for field in out))
+        return type(out)(*(np.asarray(field)[crop] for field in out))
 
     def predict_case(self, case: CaseFiles, *, progress: bool = True) -> CasePrediction:
         """Loads, preprocesses and predicts one case; outputs on its original grid."""
@@ -321,7 +308,7 @@ class Predictor:
         prepared = preprocess(volumes.image, volumes.label, preprocess_config_for(config))
         key = case_key(config.seed, case.case_id)
         with tqdm(
-            total=self.num_samples,
+            total=self.num_samples * self.num_flips,
             desc=case.case_id,
             unit="sample",
             disable=None if progress else True,
@@ -330,7 +317,7 @@ class Predictor:
             out = self.predictive(prepared.image, key, progress=lambda n: bar.update(n - bar.n))
         return self._to_case(case, volumes, prepared.mapping, out)
 
-    def _to_case(self, case, volumes, mapping, out: Predictive) -> CasePrediction:
+    def _to_case(self, case, volumes, mapping, out: Predictive | TTAPredictive) -> CasePrediction:
         task, names = get_task(self.model.task), self.model.regions
         temperatures = np.array([self.model.temperatures.get(r, 1.0) for r in names])
         mean = task.region_probabilities(np.asarray(out.mean, np.float32))
@@ -356,6 +343,11 @@ class Predictor:
             affine=volumes.affine,
             reference=volumes.reference,
             task=task.name,
+            tta=(
+                original(task.region_probabilities(np.asarray(out.tta)))
+                if isinstance(out, TTAPredictive)
+                else None
+            ),
         )
 
 
@@ -392,6 +384,7 @@ def output_paths(out_dir: Path, case_id: str, regions: tuple[str, ...]) -> dict[
         "epistemic": "epistemic",
         "prob": "prob",
         "prob_uncalibrated": "prob_uncalibrated",
+        "tta": "tta",
     }
     paths = {role: out_dir / f"{case_id}_{suffix}.nii.gz" for role, suffix in names.items()}
     paths["overview"] = out_dir / f"{case_id}_overview.png"
@@ -427,9 +420,10 @@ def write_case(out_dir: str | Path, prediction: CasePrediction, regions: tuple[s
         ("epistemic", prediction.epistemic),
         ("prob", prediction.probabilities),
         ("prob_uncalibrated", prediction.uncalibrated),
+        ("tta", prediction.tta),
     ):
-        if array is None:
-            del paths[role]
+        if array is None:  # not written; nor left over from a run with other settings
+            paths.pop(role).unlink(missing_ok=True)
         else:
             write_nifti(paths[role], squeeze(array), affine=affine, header=header, kind="float")
     overview_figure(
@@ -459,8 +453,9 @@ def predict_folder(
     Each case's files are written by `write_case` as soon as it is predicted, and
     `prediction.json` is rewritten after each case, so that an interrupted run leaves a
     folder that `evaluation.PredictionRun` reads. With several processes, process 0 writes.
-    When the temperatures were fitted with other predictor settings than these, a note says
-    so on stderr (they are applied all the same).
+    When the temperatures were fitted with other predictor settings than these (another TTA
+    too: they are fitted without it), a note says so on stderr (they are applied all the
+    same). `prediction.json` records `tta` beside the other settings.
 
     Args:
       predictor: the run (`load_trained`) with the samples, windows and devices to use.
@@ -471,8 +466,9 @@ def predict_folder(
       skip_bad: warn about and skip invalid cases instead of raising.
       progress: progress bars over the cases and each case's samples.
       resume: keep the cases that `out_dir` already holds in full, made by the same
-        checkpoint, input, task, samples, windows and temperatures (its `prediction.json`
-        says so), and predict only the others; anything made otherwise is redone.
+        checkpoint, input, task, samples, windows, TTA and temperatures (its
+        `prediction.json` says so), and predict only the others; anything made otherwise is
+        redone.
 
     Returns:
       The record written to `prediction.json` (`evaluation.prediction_record`).
@@ -504,6 +500,8 @@ def predict_folder(
         temperature={r: model.temperatures.get(r, 1.0) for r in model.regions},
         cases=[],
     )
+    if "tta" not in record:  # beside the other settings, before the growing list of cases
+        record.update(tta=predictor.tta, cases=record.pop("cases"))
     finished = _finished_cases(out_dir, record, model) if resume else set()
     if finished and primary:
         print(f"continuing: {len(finished)} case(s) already predicted", file=sys.stderr)
@@ -526,7 +524,9 @@ def _finished_cases(out_dir: Path, record: dict, model: TrainedModel) -> set[str
         earlier = json.loads((out_dir / PREDICTION_FILE).read_text())
     except (OSError, ValueError):
         return set()
-    # The device count changes only the order of float sums, not what was predicted.
+    # The device count changes only the order of float sums, not what was predicted. A
+    # record from before TTA existed has no `tta`: it predicted without.
+    earlier.setdefault("tta", "none")
     same = all(earlier.get(k) == v for k, v in record.items() if k not in ("cases", "devices"))
     if not same:
         return set()
@@ -536,6 +536,8 @@ def _finished_cases(out_dir: Path, record: dict, model: TrainedModel) -> set[str
         paths = output_paths(out_dir, case_id, model.regions)
         if not calibrated:
             del paths["prob_uncalibrated"]
+        if record["tta"] == "none":
+            del paths["tta"]
         return all(path.is_file() for path in paths.values())
 
     return {case_id for case_id in earlier.get("cases", []) if complete(case_id)}

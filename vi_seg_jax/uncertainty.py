@@ -27,6 +27,23 @@ every sample is confident, MI is far below H and its float32 error (a few
 that is negligible on the scale MI is read on (nats, up to log K): only its relative
 accuracy is lost there.
 
+Test-time augmentation (TTA, `flips`): every sample t is also evaluated on each mirroring f
+of the spatial axes (2^3 = 8 in 3D) and mapped back, p̂_tf = flip_f(net_t(flip_f(x))), and
+the predictive pools all T·F pairs: p̄ = mean_tf p̂_tf. The loop runs flip by flip (all T
+samples under flip 0, then under flip 1, ...; sample t is the same draw, `fold_in(key, t)`,
+under every flip), so one flip's running state is open at a time and memory does not grow
+with F; the cost is F times the samples'. When a flip's samples are all in, `close_flip`
+folds its state into the pooled one (over a mesh: the devices' states of that flip are
+pooled first), and the law of total variance over (sample, flip) splits p̄(1 − p̄) three
+ways:
+  aleatoric = mean_tf p̂_tf(1 − p̂_tf),
+  epistemic = mean_f mean_t (p̂_tf − p̄_f)²   (within a flip, across samples),
+  tta       = mean_f (p̄_f − p̄)²             (across the flips' means p̄_f),
+each a sum of non-negative terms (the between-flip part is Chan's merge term), so
+aleatoric + epistemic + tta = p̄(1 − p̄) up to rounding. The entropy splits alike:
+H[p̄] = mean_tf H[p̂_tf] + MI (mean_f H[p̄_f] − mean_tf H[p̂_tf], within flips) + the TTA
+information (H[p̄] − mean_f H[p̄_f]).
+
 Over a device mesh the chunks are dealt out along its `data` axis (device d takes chunks
 d, d + D, ...) and the per-device states are merged at the end (pooled mean, then M2 about
 it). Sample t is drawn from `fold_in(key, t)` wherever it runs, so the result is the
@@ -65,6 +82,14 @@ class PredictiveSums(NamedTuple):
     entropy: jax.Array  # Σ_t H[p̂_t]             [B, *S]
 
 
+class TTASums(NamedTuple):
+    """Running state over (flip, sample) pairs, for the flips finished so far (`close_flip`)."""
+
+    pooled: PredictiveSums  # the pairs; m2 = Σ_f M2_f, within flips only   [B, *S, K]
+    between: jax.Array  # Σ_f n_f (p̄_f − p̄)², across the flips' means       [B, *S, K]
+    flip_entropy: jax.Array  # Σ_f n_f H[p̄_f]                               [B, *S]
+
+
 class Predictive(NamedTuple):
     """Per-voxel outputs of the posterior predictive. K = classes (wt) or regions."""
 
@@ -74,6 +99,23 @@ class Predictive(NamedTuple):
     entropy: jax.Array  # H[p̄]                   [B, *S]
     expected_entropy: jax.Array  # mean_t H[p̂_t]  [B, *S]
     mutual_information: jax.Array  # H − E[H] ≥ 0  [B, *S]
+
+
+class TTAPredictive(NamedTuple):
+    """`Predictive` over (sample, flip) pairs, with the flips' own parts (module docstring).
+
+    The fields `Predictive` has mean the same over the pairs, except that `epistemic` and
+    `mutual_information` are within flips; `tta` and `tta_information` are across them.
+    """
+
+    mean: jax.Array  # p̄ = mean_tf p̂_tf                          [B, *S, K]
+    aleatoric: jax.Array  # mean_tf p̂(1 − p̂)                      [B, *S, K]
+    epistemic: jax.Array  # mean_f mean_t (p̂_tf − p̄_f)²           [B, *S, K]
+    entropy: jax.Array  # H[p̄]                                    [B, *S]
+    expected_entropy: jax.Array  # mean_tf H[p̂_tf]                 [B, *S]
+    mutual_information: jax.Array  # mean_f H[p̄_f] − E[H] ≥ 0      [B, *S]
+    tta: jax.Array  # mean_f (p̄_f − p̄)²                            [B, *S, K]
+    tta_information: jax.Array  # H[p̄] − mean_f H[p̄_f] ≥ 0         [B, *S]
 
 
 def entropy(probs: jax.Array, task: TaskName) -> jax.Array:
@@ -93,6 +135,83 @@ def summarize(sums: PredictiveSums, task: TaskName) -> Predictive:
         entropy=total,
         expected_entropy=expected,
         mutual_information=jnp.maximum(total - expected, 0.0),
+    )
+
+
+def summarize_tta(sums: TTASums, task: TaskName) -> TTAPredictive:
+    """The decompositions over (sample, flip) pairs from the state of finished flips."""
+    pooled = sums.pooled
+    count = jnp.maximum(pooled.count, 1.0)
+    total = entropy(pooled.mean, task)
+    expected = pooled.entropy / count
+    per_flip = sums.flip_entropy / count  # mean_f H[p̄_f] (every flip has T samples)
+    return TTAPredictive(
+        mean=pooled.mean,
+        aleatoric=pooled.aleatoric / count,
+        epistemic=pooled.m2 / count,
+        entropy=total,
+        expected_entropy=expected,
+        mutual_information=jnp.maximum(per_flip - expected, 0.0),
+        tta=sums.between / count,
+        tta_information=jnp.maximum(total - per_flip, 0.0),
+    )
+
+
+def mirror_flips(axes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Every mirroring of `axes`: the 2^len(axes) subsets, the identity `()` first."""
+    return tuple(
+        tuple(a for bit, a in enumerate(axes) if flip >> bit & 1) for flip in range(2 ** len(axes))
+    )
+
+
+def flipped_sample_fn(
+    sample_fn: SampleFn, flips: tuple[tuple[int, ...], ...], flip: jax.Array
+) -> SampleFn:
+    """`sample_fn` on the input mirrored along `flips[flip]`, its output mirrored back.
+
+    `flip` may be traced (one compiled function for every flip); the axes index the arrays
+    `sample_fn` takes and returns ([*S, C] -> [*S, K] for a volume, [B, *S, C] for a batch).
+    """
+    branches = [
+        (lambda x, axes=axes: jnp.flip(x, axes)) if axes else (lambda x: x) for axes in flips
+    ]
+
+    def mirror(x: jax.Array) -> jax.Array:  # every flip is its own inverse
+        return jax.lax.switch(flip, branches, x)
+
+    def sample(index: jax.Array, key: jax.Array, images: jax.Array) -> jax.Array:
+        return mirror(sample_fn(index, key, mirror(images)))
+
+    return sample
+
+
+def empty_tta_sums(sums: PredictiveSums) -> TTASums:
+    """The state of no flips, shaped like `sums` (one flip's state, e.g. `empty_sums`)."""
+    zeros = jnp.zeros_like(sums.mean)
+    empty = PredictiveSums(jnp.zeros((), jnp.float32), zeros, zeros, zeros, zeros[..., 0])
+    return TTASums(empty, zeros, zeros[..., 0])
+
+
+def close_flip(sums: TTASums, flip: PredictiveSums, task: TaskName) -> TTASums:
+    """Folds one flip's finished state (all its samples, pooled over devices) into `sums`.
+
+    Chan et al.'s merge with its two M2 parts kept apart: the flip's own M2 adds to the
+    within-flip sum, the term δ² n_a n_b / n to the between-flip one.
+    """
+    pooled = sums.pooled
+    count = pooled.count + flip.count
+    share = flip.count / jnp.maximum(count, 1.0)
+    delta = flip.mean - pooled.mean
+    return TTASums(
+        pooled=PredictiveSums(
+            count=count,
+            mean=pooled.mean + delta * share,
+            m2=pooled.m2 + flip.m2,
+            aleatoric=pooled.aleatoric + flip.aleatoric,
+            entropy=pooled.entropy + flip.entropy,
+        ),
+        between=sums.between + jnp.square(delta) * (pooled.count * share),
+        flip_entropy=sums.flip_entropy + flip.count * entropy(flip.mean, task),
     )
 
 
@@ -182,7 +301,8 @@ def posterior_predictive(
     chunk_size: int = 1,
     task: TaskName = "wt",
     mesh: Mesh | None = None,
-) -> Predictive:
+    flips: tuple[tuple[int, ...], ...] | None = None,
+) -> Predictive | TTAPredictive:
     """T samples of the network on `images`, reduced into a running state.
 
     Args:
@@ -194,17 +314,20 @@ def posterior_predictive(
         not T.
       task: how probabilities are normalised (for the entropies).
       mesh: spread the samples over this mesh's `data` axis (None: one device).
+      flips: test-time augmentation: evaluate every sample on each of these mirrorings
+        (axes of `images`, e.g. `mirror_flips((1, 2))` for [B, H, W, C]), flip by flip;
+        None: none.
 
     Returns:
-      The per-voxel predictive outputs.
+      The per-voxel predictive outputs (`TTAPredictive` with `flips`).
     """
     devices = 1 if mesh is None else mesh.size
 
-    def device_sums(images: jax.Array, key: jax.Array, device) -> PredictiveSums:
+    def device_sums(images: jax.Array, key: jax.Array, device, fn: SampleFn) -> PredictiveSums:
         def add_chunk(sums: PredictiveSums, step: jax.Array) -> tuple[PredictiveSums, None]:
             sums = add_samples(
                 sums,
-                sample_fn,
+                fn,
                 images,
                 key,
                 step * devices + device,
@@ -215,14 +338,29 @@ def posterior_predictive(
             return sums, None
 
         steps = jnp.arange(num_chunks(num_samples, chunk_size * devices))
-        sums, _ = jax.lax.scan(add_chunk, empty_sums(sample_fn, images, key), steps)
+        sums, _ = jax.lax.scan(add_chunk, empty_sums(fn, images, key), steps)
+        return sums
+
+    def device_tta(images: jax.Array, key: jax.Array, device, pool: Callable) -> TTASums:
+        # Flip by flip: a flip's samples (over every device: `pool`) close before the next.
+        def one_flip(sums: TTASums, flip: jax.Array) -> tuple[TTASums, None]:
+            own = device_sums(images, key, device, flipped_sample_fn(sample_fn, flips, flip))
+            return close_flip(sums, pool(own), task), None
+
+        start = empty_tta_sums(empty_sums(sample_fn, images, key))
+        sums, _ = jax.lax.scan(one_flip, start, jnp.arange(len(flips)))
         return sums
 
     if devices == 1:
-        return summarize(device_sums(images, key, 0), task)
+        if flips is not None:
+            return summarize_tta(device_tta(images, key, 0, lambda sums: sums), task)
+        return summarize(device_sums(images, key, 0, sample_fn), task)
 
-    def on_device(images: jax.Array, key: jax.Array) -> PredictiveSums:
-        sums = device_sums(images, key, jax.lax.axis_index(DATA_AXIS))
+    def on_device(images: jax.Array, key: jax.Array) -> PredictiveSums | TTASums:
+        device = jax.lax.axis_index(DATA_AXIS)
+        if flips is not None:
+            return device_tta(images, key, device, lambda s: _psum_devices(s, DATA_AXIS))
+        sums = device_sums(images, key, device, sample_fn)
         return _psum_devices(sums, DATA_AXIS)
 
     # No varying-axis type checks: sample functions hold their own scans (sliding windows)
@@ -230,7 +368,7 @@ def posterior_predictive(
     sums = jax.shard_map(on_device, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)(
         images, key
     )
-    return summarize(sums, task)
+    return summarize(sums, task) if flips is None else summarize_tta(sums, task)
 
 
 def add_samples_per_device(

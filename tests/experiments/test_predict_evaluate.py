@@ -339,3 +339,38 @@ def test_every_prediction_file_is_readable_as_the_umask_allows(wt_run, tmp_path,
     assert kinds == {"nii.gz", "png", "json"} and len(files) >= 7
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_predict_with_test_time_flips(wt_run, tmp_path, capsys):
+    """`--tta flips`: a TTA map beside the variance split, recorded and kept apart by
+    `--continue`; the temperatures (fitted without flips) are applied with a note."""
+    data, workdir = wt_run
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    out = tmp_path / "pred"
+    assert _predict(workdir, case, out, "--tta", "flips") == 0
+    err = capsys.readouterr().err
+    assert "note: the temperatures were fitted with" in err and "'tta': 'flips'" in err
+    assert "2 samples each × 8 flips" in err
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["tta"] == "flips" and record["cases"] == [case.name]
+    # The QU-BraTS maps are the entropy of the pooled, calibrated probability.
+    _check_case_files(out, data, case.name, ("wt",))
+
+    def volume(name):
+        return read_nifti(out / f"{case.name}_{name}.nii.gz").data.astype(np.float64)
+
+    tta = read_nifti(out / f"{case.name}_tta.nii.gz")
+    assert tta.header.get_data_dtype() == np.float32 and tta.data.min() >= 0
+    assert tta.data.max() > 1e-6  # a trained 3D U-Net is no mirror image of itself
+    mean = volume("prob_uncalibrated")  # p̄ over (sample, flip) pairs
+    total = volume("aleatoric") + volume("epistemic") + volume("tta")
+    np.testing.assert_allclose(total, mean * (1 - mean), atol=2e-6)
+
+    # --continue keeps a case of the same TTA and redoes one of another.
+    assert _predict(workdir, case, out, "--tta", "flips", "--continue") == 0
+    assert "continuing: 1 case(s)" in capsys.readouterr().err
+    assert _predict(workdir, case, out, "--continue") == 0
+    err = capsys.readouterr().err
+    assert "continuing" not in err and "'tta'" not in err  # no TTA in either setting
+    assert json.loads((out / "prediction.json").read_text())["tta"] == "none"
+    assert not (out / f"{case.name}_tta.nii.gz").exists()  # no map left from the flips

@@ -97,3 +97,53 @@ def test_the_methods_table_needs_a_prior_for_dwp(capsys):
         reproduce.parse_args(["--table", "methods", "--out", "x"])
     assert exit_info.value.code == 2
     assert "--methods dwp needs --prior-dir" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_methods_table_has_tta_rows_that_reuse_the_trained_runs(tmp_path, monkeypatch):
+    import json
+
+    from vi_seg_jax.io.nifti import read_nifti
+
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    write_dataset(data, num_cases=4, shape=(32, 32, 24), seed=2)
+    out = tmp_path / "out"
+    argv = ["--table", "methods", "--out", str(out), "--data-dir", str(data)]
+    argv += ["--methods", "deterministic", "vi", "--method-train-size", "1", "--steps", "1"]
+    argv += ["--features", "4", "8", "--samples", "1", "--no-progress"]
+    argv += ["--test-size", "1", "--validation-size", "1"]
+    with jax.numpy_dtype_promotion("standard"):
+        assert reproduce.main(argv) == 0
+    tables = out / "tables"
+    with open(tables / "methods.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    names = ["deterministic", "deterministic + TTA", "vi", "vi + TTA"]
+    assert [r["method"] for r in rows] == names
+    lines = (tables / "methods.md").read_text().splitlines()
+    assert [line.split(" |")[0] for line in lines[2:]] == [f"| {n}" for n in names]
+    # Two trained runs only: the TTA rows predict the same runs again, with flips.
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "method-deterministic-n1",
+        "method-vi-n1",
+    ]
+    for method in ("deterministic", "vi"):
+        plain = json.loads((out / "predictions" / method / "prediction.json").read_text())
+        tta = json.loads((out / "predictions" / f"{method}-tta" / "prediction.json").read_text())
+        assert plain["tta"] == "none" and tta["tta"] == "flips"
+        assert {k: v for k, v in tta.items() if k != "tta"} == {
+            k: v for k, v in plain.items() if k != "tta"
+        }
+    # The deterministic network with flips (2D: 4 mirrorings): one network, so no epistemic
+    # part; the flips' spread is the TTA map, and the three parts add up to p̄(1 − p̄).
+    folder = out / "predictions" / "deterministic-tta"
+    case_id = json.loads((folder / "prediction.json").read_text())["cases"][0]
+
+    def volume(suffix):
+        return read_nifti(folder / f"{case_id}_{suffix}.nii.gz").data.astype(np.float64)
+
+    assert not (out / "predictions" / "deterministic" / f"{case_id}_tta.nii.gz").exists()
+    calibrated = (folder / f"{case_id}_prob_uncalibrated.nii.gz").exists()
+    mean = volume("prob_uncalibrated" if calibrated else "prob")  # p̄
+    np.testing.assert_array_equal(volume("epistemic"), 0.0)
+    assert np.max(volume("tta")) > 1e-6
+    np.testing.assert_allclose(volume("aleatoric") + volume("tta"), mean * (1 - mean), atol=2e-6)
