@@ -101,6 +101,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spatial-dims", type=int, default=3, choices=(2, 3))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument(
+        "--augment",
+        default="none",
+        choices=("none", "light", "default"),
+        help="augmentation preset run inside the step; its own time is reported beside",
+    )
+    parser.add_argument(
         "--conv-impl",
         default="auto",
         type=lambda v: v.split(","),
@@ -272,6 +278,24 @@ def attainable_gemm_flops(n: int = 4096, repeats: int = 3) -> float:
     return 2.0 * n**3 / min(times)
 
 
+def _augment_seconds(config, images, labels, steps: int) -> float | None:
+    """Median time of the step's augmentation alone (None without augmentation)."""
+    if config is None:
+        return None
+    import jax
+
+    from vi_seg_jax.data.augment import augment_batch
+
+    augment = jax.jit(lambda key, x, y: augment_batch(key, x, y, config))
+    jax.block_until_ready(augment(jax.random.key(0), images, labels))
+    times = []
+    for index in range(max(steps, 3)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(augment(jax.random.key(index + 1), images, labels))
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times), 4)
+
+
 def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) -> list[dict]:
     """Compiles the step under each `--conv-impl` and times them interleaved; one record each."""
     import jax
@@ -279,6 +303,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     import numpy as np
 
     from vi_seg_jax.backbones import get_backbone
+    from vi_seg_jax.data.augment import get_augmentation
     from vi_seg_jax.methods import MethodConfig
     from vi_seg_jax.ops import ConvEngine, clear_tuning_memory, tuning_report
     from vi_seg_jax.parallel import batch_sharded, data_mesh, replicated
@@ -294,6 +319,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
         backbone,
         MethodConfig(method=args.method, estimator=args.estimator, num_particles=args.particles),
         precision=args.precision,
+        augment=get_augmentation(args.augment),
     )
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(args.batch, *spatial, args.channels)), jnp.float32)
@@ -311,6 +337,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     )
     jax.block_until_ready(state0)
     init_seconds = time.perf_counter() - t0
+    augment_seconds = _augment_seconds(spec.augment, images, labels, args.steps)
 
     def with_conv(impl: str):
         return dataclasses.replace(spec, backbone=backbone.clone(conv=ConvEngine(impl)))
@@ -398,6 +425,8 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             "method": args.method,
             "devices": args.devices,
             "precision": args.precision,
+            "augment": args.augment,
+            "augment_seconds": augment_seconds,
             "memory_per_device_mb": run["memory_mb"],
             "peak_device_memory_mb": _peak_device_memory_mb(),
             "conv_impl": impl,

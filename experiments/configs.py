@@ -8,7 +8,8 @@
 `paper` is the paper code's configuration, meant for a GPU: the full-size 3D U-Net
 (16/32/64/128 channels), N(0, 1) prior, 0.01·CE (summed over voxels) + 0.99·Dice, Adam 1e-3
 halved every 50 epochs, early stopping with patience 15 epochs, whole cropped volumes
-(here: 128³ patches of them), log-variance initialised at −5:
+(here: 128³ patches of them), log-variance initialised at −5, and the augmentation BraTS
+teams train with (nnU-Net's; the paper code has none; `--augment none` turns it off):
 
     python -m experiments.train --backbone unet --preset paper --data-dir /data/BraTS2018
 """
@@ -51,7 +52,12 @@ def _quick(backbone: str) -> TrainConfig:
         backbone={"features": _QUICK_FEATURES.get(backbone)},
         prior={"kl_warmup_epochs": 4},
         optimizer={"learning_rate": 3e-3},
-        data={"patch_shape": (32, 32, 32), "batch_size": 4, "foreground_fraction": 0.5},
+        data={
+            "patch_shape": (32, 32, 32),
+            "batch_size": 4,
+            "foreground_fraction": 0.5,
+            "augment": "none",
+        },
         schedule={
             "steps": 200,
             "steps_per_epoch": 50,
@@ -72,7 +78,9 @@ def _paper(backbone: str) -> TrainConfig:
         likelihood=LikelihoodConfig(task="wt", ce_weight=0.01, dice_weight=0.99, reduction="sum"),
         prior=PriorConfig(kind="normal", kl_weight=1.0, kl_warmup_epochs=0),
         optimizer=OptimizerConfig(learning_rate=1e-3),
-        data=DataConfig(patch_shape=(128, 128, 128), batch_size=1, foreground_fraction=0.33),
+        data=DataConfig(
+            patch_shape=(128, 128, 128), batch_size=1, foreground_fraction=0.33, augment="default"
+        ),
         schedule=ScheduleConfig(
             steps=20_000,
             steps_per_epoch=100,

@@ -20,6 +20,7 @@ from typing import Any
 from experiments.common import add_device_flags, distributed_config, make_parser, run_cli
 from experiments.configs import PRESETS, get_config
 from vi_seg_jax.backbones import BACKBONES
+from vi_seg_jax.data.augment import AUGMENTATIONS
 from vi_seg_jax.methods import METHODS
 from vi_seg_jax.parallel import data_mesh, initialize_distributed
 from vi_seg_jax.task import TASKS
@@ -223,6 +224,14 @@ FLAGS = (
         "that the data term is unbiased despite tumour oversampling (see the README)",
         "data.unbiased_weights",
         options={"action": argparse.BooleanOptionalAction},
+    ),
+    Flag(
+        "--augment",
+        "on-device augmentation of each batch: light = mirroring and intensity jitter; default "
+        "= nnU-Net's mirroring, rotation, scaling, elastic, gamma, intensity and noise (quick "
+        "preset: none; paper: default)",
+        "data.augment",
+        options={"choices": tuple(AUGMENTATIONS)},
     ),
     Flag(
         "--steps-per-epoch",

@@ -49,3 +49,14 @@ def test_one_record_per_formulation(capsys, tmp_path, monkeypatch):
     # The suite tunes nothing (conftest): the tiny step's convs take the rule.
     assert records[0]["tuning_seconds"] == 0 and records[0]["tuning_pieces"]["by_rule"] > 0
     assert "speedup_over_auto" in records[1]
+
+
+def test_augmentation_cost_is_reported_beside_the_step(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path))
+    with jax.numpy_dtype_promotion("standard"):
+        train_step.main([*TINY, "--conv-impl", "gemm", "--augment", "default"])
+        train_step.main([*TINY, "--conv-impl", "gemm"])
+    augmented, plain = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert augmented["augment"] == "default" and augmented["loss_finite"]
+    assert 0 < augmented["augment_seconds"] < 10 * augmented["seconds_per_step"]
+    assert plain["augment"] == "none" and plain["augment_seconds"] is None

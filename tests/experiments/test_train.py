@@ -137,7 +137,9 @@ def test_each_backbone_and_method_runs_end_to_end(
     assert f"tensorboard --logdir {workdir / 'tensorboard'}" in stdout
 
 
-def test_a_three_case_folder_trains_with_no_size_flags(tmp_path, monkeypatch, capsys):
+def test_a_three_case_folder_trains_with_no_size_flags_and_augmentation(
+    tmp_path, monkeypatch, capsys
+):
     from experiments import train
 
     monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
@@ -147,7 +149,9 @@ def test_a_three_case_folder_trains_with_no_size_flags(tmp_path, monkeypatch, ca
     tiny = [a for i, a in enumerate(TINY) if a not in sized and TINY[i - 1] not in sized]
     argv = ["--data-dir", str(data), "--workdir", str(tmp_path / "run"), *tiny, "--steps", "3"]
     with jax.numpy_dtype_promotion("standard"):
-        assert train.main(argv) == 0
+        assert train.main([*argv, "--augment", "default"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["augment"] == "default"
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert [len(splits[name]) for name in ("test", "validation")] == [1, 1]
     assert [len(entry["cases"]) for entry in splits["train"]] == [1]

@@ -193,3 +193,32 @@ def test_a_batch_with_voxel_weights_of_one_takes_the_unweighted_step(sampler):
     state = create_train_state(jax.random.key(0), spec, batch.images)
     _, doubled = step(state, (batch.images, batch.labels, 2 * ones))
     np.testing.assert_allclose(doubled["data"], 2 * plain_metrics["data"], rtol=1e-5)
+
+
+def test_augmentation_runs_inside_the_step_on_the_batch(sampler):
+    """A deterministic network's update does not depend on the key, so a step that mirrors
+    its batch equals a plain step on the mirrored batch; `augment=None` is the plain step."""
+    import dataclasses
+
+    from vi_seg_jax.data.augment import AugmentConfig
+
+    plain = _spec("unet", "deterministic")
+    mirrored = dataclasses.replace(plain, augment=AugmentConfig(mirror_p=(1.0, 0.0, 0.0)))
+    init_key, data_key = jax.random.split(jax.random.key(3))
+    batch = sampler.batch_at(data_key, 0)
+    images, labels = jnp.asarray(batch.images), jnp.asarray(batch.labels)
+
+    def one_step(spec, images, labels):
+        state = create_train_state(init_key, spec, images)
+        return make_train_step(spec)(state, (images, labels))
+
+    with jax.numpy_dtype_promotion("standard"):
+        state, metrics = one_step(mirrored, images, labels)
+        expected_state, expected = one_step(plain, jnp.flip(images, 1), jnp.flip(labels, 1))
+        _, unflipped = one_step(plain, images, labels)
+    assert float(metrics["loss"]) == pytest.approx(float(expected["loss"]), rel=1e-5)
+    assert float(metrics["loss"]) != pytest.approx(float(unflipped["loss"]), rel=1e-5)
+    for ours, theirs in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(expected_state.params), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)

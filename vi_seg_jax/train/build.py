@@ -12,6 +12,7 @@ from vi_seg_jax.backbones import get_backbone
 from vi_seg_jax.bayes.elbo import ObjectiveConfig
 from vi_seg_jax.bayes.guide import bayesian_paths
 from vi_seg_jax.bayes.priors import NormalPrior
+from vi_seg_jax.data.augment import get_augmentation
 from vi_seg_jax.data.preprocess import PreprocessConfig
 from vi_seg_jax.train.config import TrainConfig
 from vi_seg_jax.train.state import ModelSpec
@@ -35,7 +36,15 @@ def build_spec(config: TrainConfig, num_data: float, *, with_prior: bool = True)
     prior = NormalPrior(config.method.prior_scale)
     if config.prior.kind == "dwp" and with_prior:
         prior = _deep_weight_prior(config, backbone, prior)
-    return ModelSpec(backbone, config.method, objective, config.optim(), prior, config.precision)
+    return ModelSpec(
+        backbone,
+        config.method,
+        objective,
+        config.optim(),
+        prior,
+        config.precision,
+        get_augmentation(config.data.augment),
+    )
 
 
 def _deep_weight_prior(config: TrainConfig, backbone, fallback: NormalPrior):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from vi_seg_jax.bayes.elbo import LikelihoodConfig
 from vi_seg_jax.bayes.guide import GuideConfig
+from vi_seg_jax.data.augment import AUGMENTATIONS
 from vi_seg_jax.data.conventions import MODALITIES
 from vi_seg_jax.methods import METHODS, MethodConfig, resolve_method
 from vi_seg_jax.ops.conv3d import ConvEngine
@@ -92,6 +93,8 @@ class DataConfig:
       unbiased_weights: weight each voxel's data term by how likely the sampler is to
         draw it, so that the minibatch term estimates the full-data term without bias
         (`data.sampler`); False keeps the oversampled, tempered objective.
+      augment: the on-device augmentation of each training batch, a preset of
+        `data.augment.AUGMENTATIONS` (`none`, `light`, `default`).
     """
 
     data_dir: str | None = None
@@ -106,6 +109,7 @@ class DataConfig:
     batch_size: int = 2
     foreground_fraction: float = 0.5
     unbiased_weights: bool = False
+    augment: str = "none"
 
     def __post_init__(self):
         patch = tuple(self.patch_shape)
@@ -132,6 +136,9 @@ class DataConfig:
                 f"`data.batch_size` must be >= 1, got {self.batch_size}": self.batch_size >= 1,
                 f"`data.foreground_fraction` must be in [0, 1], got {self.foreground_fraction}": (
                     0.0 <= self.foreground_fraction <= 1.0
+                ),
+                f"`data.augment` must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}": (
+                    self.augment in AUGMENTATIONS
                 ),
             }
         )

@@ -166,15 +166,7 @@ def train_and_evaluate(
     start_time = time.perf_counter()
     workdir = Path(workdir)
     checkpoints = workdir / "checkpoints"
-    if checkpoints.is_dir():  # the manager creates its folder: none before the data is read
-        manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
-        if manager.latest_step() is not None and not resume:
-            raise DataError(
-                workdir,
-                "already holds checkpoints; pass --resume to continue or choose another --workdir",
-            )
-        if resume and manager.latest_step() is not None:
-            _check_same_run(read_meta(manager)["config"], config, checkpoints)
+    _check_workdir(workdir, config, resume)
 
     primary = is_primary()
     progress = progress and primary
@@ -184,16 +176,7 @@ def train_and_evaluate(
     dataset, splits, train_cases, validation_cases = load_data(config, progress=progress)
     manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
     if primary:
-        print(
-            f"{len(dataset)} cases: {len(splits.test)} test, {len(splits.validation)} "
-            f"validation, {len(train_cases)} training"
-        )
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(workdir / "config.json", config.to_dict())
-        write_json_atomic(
-            workdir / "splits.json",
-            {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()},
-        )
+        _start_run_folder(workdir, config, dataset, splits)
 
     sampler = PatchSampler(
         [case.image for case in train_cases],
@@ -321,6 +304,36 @@ def train_and_evaluate(
             _figure(figure, figure_maps, validation_cases[0], config, samples)
             log.image(int(state.step), "validation", figure)
     return summary
+
+
+def _check_workdir(workdir: Path, config: TrainConfig, resume: bool) -> None:
+    """Refuses to overwrite checkpoints without `resume`, or to resume another run."""
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir():  # the manager creates its folder: none before the data is read
+        return
+    manager = checkpoint_manager(checkpoints, keep_last=config.schedule.keep_checkpoints)
+    if manager.latest_step() is not None and not resume:
+        raise DataError(
+            workdir,
+            "already holds checkpoints; pass --resume to continue or choose another --workdir",
+        )
+    if resume and manager.latest_step() is not None:
+        _check_same_run(read_meta(manager)["config"], config, checkpoints)
+
+
+def _start_run_folder(workdir: Path, config: TrainConfig, dataset, splits) -> None:
+    """Says how the cases are split and writes config.json and splits.json."""
+    train_size = len(next(iter(splits.train.values())))
+    print(
+        f"{len(dataset)} cases: {len(splits.test)} test, {len(splits.validation)} validation, "
+        f"{train_size} training"
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(workdir / "config.json", config.to_dict())
+    write_json_atomic(
+        workdir / "splits.json",
+        {"layout": dataset.layout.name, "root": str(dataset.root), **splits.to_dict()},
+    )
 
 
 def _check_same_run(saved: dict, config: TrainConfig, checkpoints: Path) -> None:

@@ -14,6 +14,7 @@ from flax import struct
 from vi_seg_jax.bayes.elbo import ObjectiveConfig
 from vi_seg_jax.bayes.guide import GuideParams
 from vi_seg_jax.bayes.priors import NormalPrior, Prior
+from vi_seg_jax.data.augment import AugmentConfig
 from vi_seg_jax.methods import Method, MethodConfig, resolve_method
 from vi_seg_jax.ops.conv3d import ConvEngine
 
@@ -83,6 +84,7 @@ class ModelSpec:
     optim: OptimConfig = OptimConfig()
     prior: Prior = NormalPrior()
     precision: Literal["fp32", "bf16"] = "fp32"  # of the data term's forward/backward pass
+    augment: AugmentConfig | None = None  # applied to each training batch on the device
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):

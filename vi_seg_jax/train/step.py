@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from vi_seg_jax.bayes.elbo import hard_dice, scaled_data_term
+from vi_seg_jax.data.augment import augment_batch
 from vi_seg_jax.parallel import batch_sharded, replicated
 from vi_seg_jax.train.state import ModelSpec, TrainState, trainable_tree
 
@@ -89,13 +90,17 @@ def train_step(state: TrainState, batch, *, spec: ModelSpec) -> tuple[TrainState
     Args:
       state: the current state.
       batch: `(images [B, *S, C] float32, labels [B, *S] canonical classes)`, optionally
-        with the sampler's unbiased voxel weights `[B, *S]` float32 as a third element.
+        with the sampler's unbiased voxel weights `[B, *S]` float32 as a third element;
+        augmented here, on the device, when `spec.augment` is set.
       spec: the static description of the model and method.
 
     Returns:
       The next state and scalar metrics: loss, data, kl, kl_weight, dice, grad_norm.
     """
     next_key, step_key = jax.random.split(state.key)
+    if spec.augment is not None:  # without augmentation the keys are as they always were
+        step_key, augment_key = jax.random.split(step_key)
+        batch = augment_batch(augment_key, *batch[:2], spec.augment, *batch[2:])
 
     def update(trainable, opt_state, key):
         return _update(trainable, opt_state, batch, key, state.step, spec)
