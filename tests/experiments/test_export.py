@@ -76,3 +76,27 @@ def test_help_states_each_default_once(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in text and text.count("(default:") == 1
     assert "best by validation Dice" in text
+
+
+def test_predict_takes_an_archive_and_writes_the_run_folders_maps(run, tmp_path, monkeypatch):
+    from experiments import predict
+    from vi_seg_jax.data.synthetic import write_dataset
+    from vi_seg_jax.io.nifti import read_nifti
+
+    monkeypatch.setenv("VI_SEG_JAX_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    write_dataset(data, num_cases=1, shape=(32, 32, 24), seed=3)
+    model = tmp_path / "tiny.vsj"
+    assert export.main(["--checkpoint", str(run), "--out", str(model)]) == 0
+    common = ["--input", str(data), "--samples", "2", "--window", "32", "--no-progress"]
+    for name, checkpoint in (("from_run", run), ("from_archive", model)):
+        argv = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / name), *common]
+        assert predict.main(argv) == 0
+    written = sorted(p.name for p in (tmp_path / "from_run").glob("*.nii.gz"))
+    assert written and written == sorted(
+        p.name for p in (tmp_path / "from_archive").glob("*.nii.gz")
+    )
+    for name in written:
+        ours = read_nifti(tmp_path / "from_archive" / name)
+        theirs = read_nifti(tmp_path / "from_run" / name)
+        assert (ours.data == theirs.data).all() and (ours.affine == theirs.affine).all(), name
