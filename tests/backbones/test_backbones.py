@@ -509,12 +509,15 @@ class PlainNet(Backbone):
 
 def test_a_new_backbone_plugs_in_by_subclass_and_registry_entry(monkeypatch):
     from vi_seg_jax.train.build import build_spec
-    from vi_seg_jax.train.config import BackboneConfig, TrainConfig
+    from vi_seg_jax.train.config import BackboneConfig, DataConfig, TrainConfig
     from vi_seg_jax.train.state import create_train_state
     from vi_seg_jax.train.step import make_train_step
 
     monkeypatch.setitem(BACKBONES, "plain", PlainNet)
-    config = TrainConfig(backbone=BackboneConfig(name="plain", spatial_dims=2, features=(4, 4)))
+    config = TrainConfig(
+        backbone=BackboneConfig(name="plain", spatial_dims=2, features=(4, 4)),
+        data=DataConfig(patch_shape=(8, 8)),
+    )
     spec = build_spec(config, num_data=1.0)
     images = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
     labels = (images[..., 0] > 0).astype(jnp.uint8)
