@@ -1,5 +1,6 @@
-"""What the multi-run studies (`reproduce`, `transfer`) share: the grid of runs (train or
-reuse each, score it on the held-out test cases), and the tables."""
+"""What the multi-run studies (`reproduce`, `transfer`, `shift_study`) share: the grid of
+runs (train or reuse each, score it on the held-out test cases), the predictors, and the
+tables."""
 
 from __future__ import annotations
 
@@ -79,11 +80,14 @@ def held_out_cases(workdir: Path):
     return [c for c in discover_cases(splits["root"]).cases if c.case_id in wanted]
 
 
-def predictor_for(workdir: Path, samples: int):
+def predictor_for(workdir: Path, samples: int, *, tta: str = "none", mesh=None):
+    """The run's predictor: `samples` Monte Carlo samples, or what its method fixes (1 for
+    the deterministic network, one per ensemble member); `tta` and `mesh` as `Predictor`'s."""
     from vi_seg_jax.predict import Predictor, load_trained
 
     model = load_trained(workdir)
-    return Predictor(model, num_samples=model.spec.strategy.default_samples(samples))
+    samples = model.spec.strategy.default_samples(samples)
+    return Predictor(model, num_samples=samples, tta=tta, mesh=mesh)
 
 
 def held_out_dice_iou(workdir: Path, samples: int) -> dict[str, float]:
@@ -113,11 +117,13 @@ def mean_std_table(
     column_key: str,
     metric: str,
     scale: float = 100.0,
+    decimals: int = 1,
     row_order: Sequence[str] | None = None,
     reference: Callable[[object, object], float | None] | None = None,
 ) -> str:
     """Markdown table of `metric` mean ± std (n runs) per (row, column) cell.
 
+    Values are multiplied by `scale` and shown with `decimals` decimals.
     `reference(row, column)`, when given, adds a "(paper X)" note to each cell.
     """
     rows_seen = list(dict.fromkeys(r[row_key] for r in rows))
@@ -131,7 +137,10 @@ def mean_std_table(
             values = [
                 scale * r[metric] for r in rows if r[row_key] == name and r[column_key] == column
             ]
-            cell = f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})" if values else ""
+            cell = ""
+            if values:
+                mean, std = np.mean(values), np.std(values)
+                cell = f"{mean:.{decimals}f} ± {std:.{decimals}f} ({len(values)})"
             paper = reference(name, column) if reference else None
             cells.append(cell + (f" (paper {paper:.1f})" if paper is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

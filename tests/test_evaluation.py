@@ -154,3 +154,98 @@ def test_epistemic_uncertainty_is_higher_on_a_domain_never_trained_on(tmp_path, 
     in_domain = statistic([c for c in discover_cases(tumours).cases if c.case_id in test_ids])
     out_of_domain = statistic(discover_cases(lesions).cases)
     assert out_of_domain > 1.5 * in_domain, (in_domain, out_of_domain)
+
+
+def test_uncertainty_metrics_equal_direct_metric_calls_on_the_written_files(tmp_path):
+    """The per-case AUROC, UEO and mean uncertainty, the mean-curve UEO and the Spearman ρ,
+    against the metric functions called on the prediction and source files themselves."""
+    import csv
+
+    from vi_seg_jax.data.conventions import regions_from_classes
+    from vi_seg_jax.evaluation import (
+        PREDICTION_FILE,
+        PredictionRun,
+        evaluate_folder,
+        prediction_record,
+    )
+    from vi_seg_jax.io.folders import write_json_atomic
+    from vi_seg_jax.io.nifti import read_nifti, write_nifti
+    from vi_seg_jax.metrics import (
+        UEO_THRESHOLDS,
+        best_uncertainty_error_overlap,
+        error_detection_auroc,
+        mean_uncertainty,
+        spearman_correlation,
+        uncertainty_error_overlap_curve,
+    )
+
+    data, pred = tmp_path / "data", tmp_path / "pred"
+    write_dataset(data, num_cases=3, shape=(32, 32, 24), seed=5)
+    cases = discover_cases(data).cases
+    pred.mkdir()
+    rng = np.random.default_rng(0)
+    for k, case in enumerate(cases):
+        truth = read_nifti(case.label)
+        wt = regions_from_classes(case.convention.to_canonical(np.rint(truth.data).astype(int)))
+        wt = wt[..., 0]
+        # A prediction one voxel off along x, with errors flagged by higher uncertainty
+        # (plus noise, more of it for later cases, so the cases' ranks differ).
+        predicted = np.roll(wt, 1 + k, axis=0)
+        noise = rng.integers(0, 70 + 15 * k, wt.shape)
+        unc = np.clip(np.where(predicted != wt, 60, 0) + noise, 0, 100).astype(np.uint8)
+        prob = np.where(predicted, 0.9, 0.05).astype(np.float32)
+        kw = {"affine": truth.affine, "header": truth.header}
+        seg = predicted.astype(np.uint8)
+        write_nifti(pred / f"{case.case_id}_seg.nii.gz", seg, kind="label", **kw)
+        write_nifti(pred / f"{case.case_id}_prob.nii.gz", prob, **kw)
+        write_nifti(pred / f"{case.case_id}_unc_wt.nii.gz", unc, kind="label", **kw)
+    record = prediction_record(
+        checkpoint="hand-made",
+        input_dir=data,
+        step=0,
+        task="wt",
+        settings={"samples": 1, "window": [16, 16], "overlap": 0.25},
+        devices=1,
+        temperature={"wt": 1.0},
+        cases=[case.case_id for case in cases],
+    )
+    write_json_atomic(pred / PREDICTION_FILE, record)
+    out = tmp_path / "eval"
+    summary = evaluate_folder(PredictionRun.read(pred), out, progress=False)
+
+    with open(out / "cases.csv") as handle:
+        rows = {row["case_id"]: row for row in csv.DictReader(handle)}
+    with open(out / "ueo_curves.csv") as handle:
+        curve_rows = {row["case_id"]: row for row in csv.DictReader(handle)}
+    curves, uncertainties, dices = [], [], []
+    for case in cases:
+        t1 = read_nifti(case.images["t1"]).data
+        brain = t1 > 0  # the QU-BraTS scorer's brain
+        truth = read_nifti(case.label).data > 0  # any tumour label is whole tumour
+        predicted = read_nifti(pred / f"{case.case_id}_seg.nii.gz").data > 0
+        u = read_nifti(pred / f"{case.case_id}_unc_wt.nii.gz").data.astype(np.float64) / 100
+        row = rows[case.case_id]
+        auroc = error_detection_auroc(u, predicted, truth, mask=brain)
+        curve = uncertainty_error_overlap_curve(u, predicted, truth, UEO_THRESHOLDS, mask=brain)
+        mean_u = mean_uncertainty(u, brain)
+        assert 0.5 < auroc < 1.0  # errors are flagged, through the noise
+        assert float(row["wt_error_auroc"]) == pytest.approx(auroc, rel=1e-5)
+        assert float(row["wt_ueo"]) == pytest.approx(np.max(curve), rel=1e-5)
+        assert float(row["wt_mean_uncertainty"]) == pytest.approx(mean_u, rel=1e-5)
+        written = [float(curve_rows[case.case_id][f"wt_ueo_{t:g}"]) for t in UEO_THRESHOLDS]
+        np.testing.assert_allclose(written, curve, rtol=1e-5)
+        curves.append(curve)
+        uncertainties.append(mean_u)
+        dices.append(float(row["wt_dice"]))
+    for metric, values in (("mean_uncertainty", uncertainties), ("dice", dices)):
+        assert summary["wt"][metric]["mean"] == pytest.approx(np.mean(values), rel=1e-5)
+    over_cases = json.loads((out / "uncertainty.json").read_text())["wt"]
+    best = best_uncertainty_error_overlap(np.array(curves), UEO_THRESHOLDS)
+    assert over_cases["ueo_threshold"] == best.threshold
+    assert over_cases["ueo"] == pytest.approx(best.ueo, rel=1e-9)
+    rho = spearman_correlation(np.array(uncertainties), np.array(dices))
+    assert over_cases["spearman_uncertainty_dice"] == pytest.approx(rho, abs=1e-9)
+    assert over_cases["n"] == 3 and len(over_cases["ueo_curve"]) == len(UEO_THRESHOLDS)
+    # The Markdown summary carries both tables.
+    text = (out / "summary.md").read_text()
+    assert "| error_auroc | ueo | mean_uncertainty |" in text and "Spearman" in text

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from vi_seg_jax.metrics import calibration_bins, qubrats
-from vi_seg_jax.plots import overview_figure, qubrats_figure, reliability_figure, tumour_centre
+from vi_seg_jax.plots import (
+    overview_figure,
+    qubrats_figure,
+    reliability_figure,
+    shift_figure,
+    tumour_centre,
+)
 
 
 @pytest.fixture
@@ -68,3 +74,37 @@ def test_overview_figure_shows_three_views_through_the_tumour(tmp_path):
     assert _is_nontrivial_png(without_truth)
     with pytest.raises(ValueError, match="3D shape"):
         overview_figure(tmp_path / "bad.png", truth=truth[:-1], **maps)
+
+
+def test_shift_figure_draws_mean_and_std_over_repeats_per_method(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    rows = [
+        {"method": m, "level": level, "repeat": r, "dice": d - 0.1 * level + 0.01 * r,
+         "mean_uncertainty": 0.02 * (1 + level)}
+        for m, d in (("vi", 0.8), ("deterministic", 0.7))
+        for level in (0, 1, 3)
+        for r in range(3)
+    ]  # fmt: skip
+    drawn = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kwargs):
+        drawn.append((kwargs["label"], list(x), list(y), list(yerr)))
+        return original(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    path = shift_figure(tmp_path / "shift.png", rows, title="scanner")
+    assert _is_nontrivial_png(path)
+    # Two panels (Dice, mean uncertainty) × two methods; Dice in %: mean 100 (d − 0.1 level
+    # + 0.01), std 100 · 0.01 · sqrt(2/3) over the three repeats.
+    assert [d[0] for d in drawn] == ["vi", "deterministic"] * 2
+    _, levels, means, stds = drawn[0]
+    assert levels == [0, 1, 3]
+    np.testing.assert_allclose(means, [81.0, 71.0, 51.0])
+    np.testing.assert_allclose(stds, [np.sqrt(2 / 3)] * 3)
+    np.testing.assert_allclose(drawn[2][2], [2.0, 4.0, 8.0])  # uncertainty × 100
+    with pytest.raises(ValueError, match="no rows"):
+        shift_figure(tmp_path / "empty.png", [])
+    with pytest.raises(ValueError, match="lack the panel key"):
+        shift_figure(tmp_path / "bad.png", [{"method": "vi", "level": 0, "dice": 0.5}])

@@ -8,9 +8,20 @@ calibration inside the brain mask (ECE with 15 bins, Brier, NLL) of the calibrat
 (`ece_uncalibrated`, from `_prob_uncalibrated`, written when a temperature was applied),
 and the QU-BraTS 2020 score of the `_unc_<region>` maps (the official scorer's definition:
 41 thresholds, true positives and negatives counted inside the brain). The brain is where any
-modality is non-zero, except for QU-BraTS, which takes T1 > 0 when the case has a T1: the
-mask the official scorer uses when given the T1 image, its documented stand-in for a brain
-mask, so that its numbers and these agree.
+modality is non-zero, except for QU-BraTS and the uncertainty-against-error metrics below,
+which take T1 > 0 when the case has a T1: the mask the official scorer uses when given the
+T1 image, its documented stand-in for a brain mask, so that its numbers and these agree.
+
+Whether the uncertainty points at the errors, from the same `_unc_<region>` map read as
+u = map / 100 ∈ [0, 1] (the binary entropy in bits of the calibrated probability), inside
+that brain: `error_auroc`, the AUROC of u as a detector of the misclassified voxels
+(`metrics.error_detection_auroc`); `ueo`, the uncertainty-error overlap (Jungo & Reyes 2019)
+at the case's best threshold of `metrics.UEO_THRESHOLDS` (the whole curve is in
+`CaseScores.ueo_curves` and `ueo_curves.csv`); `mean_uncertainty`, the mean of u. Over the
+cases (`uncertainty_summary`, `uncertainty.json`): the UEO at the one threshold that
+maximises the mean curve, as Jungo & Reyes report it per method, and the Spearman
+correlation between the cases' mean uncertainty and their Dice (failure detection: a useful
+uncertainty gives ρ near −1).
 
 With `brats_metrics=True`, also the lesion-wise BraTS metrics per region (`BRATS_METRICS`:
 lesion-wise Dice, HD95, NSD, panoptic quality, matched / spurious / missed lesions), computed
@@ -41,16 +52,22 @@ from vi_seg_jax.errors import DataError
 from vi_seg_jax.io.folders import write_csv_atomic, write_json_atomic, write_text_atomic
 from vi_seg_jax.io.nifti import read_nifti
 from vi_seg_jax.metrics import (
+    UEO_THRESHOLDS,
     CalibrationBins,
     QUBraTS,
+    best_uncertainty_error_overlap,
     brier_score,
     calibration_bins,
     dice,
+    error_detection_auroc,
     expected_calibration_error,
     hd95,
     iou,
+    mean_uncertainty,
     negative_log_likelihood,
     qubrats,
+    spearman_correlation,
+    uncertainty_error_overlap_curve,
 )
 from vi_seg_jax.task import get_task
 
@@ -66,7 +83,12 @@ METRICS = (
     "qubrats_ftp_auc",
     "qubrats_ftn_auc",
     "qubrats_score",
+    "error_auroc",
+    "ueo",
+    "mean_uncertainty",
 )
+# The `_unc_<region>` maps hold 100 × binary entropy (bits); the metrics read it in [0, 1].
+UNCERTAINTY_SCALE = 100.0
 
 
 # The record of a prediction folder, rewritten after each case by `predict.predict_folder`.
@@ -91,7 +113,7 @@ def prediction_record(
       input_dir: the case folder or dataset the cases came from (recorded absolute).
       step: the checkpoint step.
       task: `"wt"` or `"regions"`.
-      settings: `Predictor.settings()`: samples, window and overlap.
+      settings: `Predictor.settings()`: samples, window, overlap and (when not none) tta.
       devices: devices the Monte Carlo samples were spread over.
       temperature: region -> temperature applied (1.0: none).
       cases: ids of the cases written so far, in order.
@@ -104,6 +126,7 @@ def prediction_record(
         "samples": settings["samples"],
         "window": settings["window"],
         "overlap": settings["overlap"],
+        "tta": settings.get("tta", "none"),
         "devices": devices,
         "temperature": dict(temperature),
         "cases": list(cases),
@@ -157,6 +180,8 @@ class CaseScores:
     values: dict[str, dict[str, float]]  # region -> metric -> value
     bins: dict[str, dict[str, CalibrationBins]]  # region -> "before"/"after" -> bins
     curves: dict[str, QUBraTS]  # region -> filtering curves
+    # region -> [T] UEO at each of `UEO_THRESHOLDS` (u = map / 100, inside the T1 brain)
+    ueo_curves: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _read_on_grid(path: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -191,12 +216,16 @@ def evaluate_case(
     if run.calibrated:
         path = run.path(case.case_id, "prob_uncalibrated")
         uncalibrated = _read_on_grid(path, shape).reshape(*shape, -1)
-    values, bins, curves = {}, {}, {}
+    values, bins, curves, ueo_curves = {}, {}, {}, {}
     for r, region in enumerate(run.regions):
         p, y, pred = probs[..., r], truth[..., r], predicted[..., r]
         before = uncalibrated[..., r]
         uncertainty = _read_on_grid(run.path(case.case_id, f"unc_{region}"), shape)
         curve = qubrats(pred, y, uncertainty, mask=qubrats_brain)
+        u = uncertainty.astype(np.float64) / UNCERTAINTY_SCALE
+        ueo_curves[region] = uncertainty_error_overlap_curve(
+            u, pred, y, UEO_THRESHOLDS, mask=qubrats_brain
+        )
         values[region] = {
             "dice": dice(pred, y),
             "iou": iou(pred, y),
@@ -209,6 +238,9 @@ def evaluate_case(
             "qubrats_ftp_auc": curve.ftp_auc,
             "qubrats_ftn_auc": curve.ftn_auc,
             "qubrats_score": curve.score,
+            "error_auroc": error_detection_auroc(u, pred, y, mask=qubrats_brain),
+            "ueo": best_uncertainty_error_overlap(ueo_curves[region], UEO_THRESHOLDS).ueo,
+            "mean_uncertainty": mean_uncertainty(u, qubrats_brain),
         }
         bins[region] = {
             "before": calibration_bins(before, y, brain),
@@ -219,7 +251,7 @@ def evaluate_case(
         lesion_wise = brats.score(run.path(case.case_id, "seg"), case.label)
         for region in run.regions:
             values[region].update(lesion_wise[region])
-    return CaseScores(case.case_id, values, bins, curves)
+    return CaseScores(case.case_id, values, bins, curves, ueo_curves)
 
 
 def epistemic_away_from_abnormality(
@@ -282,6 +314,68 @@ def summarize(
     return summary
 
 
+def uncertainty_summary(
+    scores: list[CaseScores],
+    regions: tuple[str, ...],
+    thresholds: tuple[float, ...] = UEO_THRESHOLDS,
+) -> dict[str, dict[str, Any]]:
+    """Per region, the uncertainty statistics taken over the cases rather than averaged.
+
+    Returns:
+      region -> {"ueo": the mean UEO at the threshold maximising the mean of the cases'
+      curves (Jungo & Reyes 2019's per-method number), "ueo_threshold": that threshold,
+      "ueo_curve": [T] the mean curve, "thresholds": [T] the grid,
+      "spearman_uncertainty_dice": Spearman ρ between the cases' `mean_uncertainty` and
+      their `dice` (NaN with fewer than 2 cases, a constant input or a non-finite value),
+      "n": the number of cases}.
+    """
+    summary: dict[str, dict[str, Any]] = {}
+    for region in regions:
+        curves = np.array([s.ueo_curves[region] for s in scores], np.float64)
+        best = best_uncertainty_error_overlap(curves, thresholds)
+        uncertainty = np.array([s.values[region]["mean_uncertainty"] for s in scores])
+        dices = np.array([s.values[region]["dice"] for s in scores])
+        finite = np.all(np.isfinite(uncertainty)) and np.all(np.isfinite(dices))
+        rho = spearman_correlation(uncertainty, dices) if finite else float("nan")
+        summary[region] = {
+            "ueo": best.ueo,
+            "ueo_threshold": best.threshold,
+            "ueo_curve": [float(v) for v in curves.mean(axis=0)],
+            "thresholds": [float(t) for t in thresholds],
+            "spearman_uncertainty_dice": rho,
+            "n": len(scores),
+        }
+    return summary
+
+
+def write_ueo_curves_csv(
+    path: Path,
+    scores: list[CaseScores],
+    regions: tuple[str, ...],
+    thresholds: tuple[float, ...] = UEO_THRESHOLDS,
+) -> None:
+    """One row per case: `case_id`, then `<region>_ueo_<t>` for each threshold t."""
+    columns = ["case_id"] + [f"{r}_ueo_{t:g}" for r in regions for t in thresholds]
+    rows = [[s.case_id] + [f"{v:.6g}" for r in regions for v in s.ueo_curves[r]] for s in scores]
+    write_csv_atomic(path, columns, rows)
+
+
+def uncertainty_markdown(uncertainty: dict[str, dict[str, Any]], regions: tuple[str, ...]) -> str:
+    """The over-cases statistics of `uncertainty_summary` as a Markdown table."""
+    lines = [
+        "| region | UEO at the best mean threshold | threshold | "
+        "Spearman ρ (mean uncertainty, Dice) | cases |",
+        "|---|---|---|---|---|",
+    ]
+    for region in regions:
+        u = uncertainty[region]
+        lines.append(
+            f"| {region.upper()} | {u['ueo']:.3g} | {u['ueo_threshold']:g} | "
+            f"{u['spearman_uncertainty_dice']:.3g} | {u['n']} |"
+        )
+    return "\n".join(lines)
+
+
 def write_cases_csv(
     path: Path,
     scores: list[CaseScores],
@@ -298,10 +392,13 @@ def write_cases_csv(
 def markdown_table(summary: dict[str, Any], regions: tuple[str, ...]) -> str:
     """Mean ± std per region; Dice and IoU in % as in the paper.
 
-    When the summary holds the lesion-wise BraTS metrics, their Dice (%), HD95, NSD and
-    panoptic quality (%) follow.
+    When the summary holds them, the error-detection AUROC, UEO and mean uncertainty follow,
+    then the lesion-wise BraTS metrics: their Dice (%), HD95, NSD and panoptic quality (%).
     """
     shown = ("dice", "iou", "hd95", "ece", "ece_uncalibrated", "brier", "nll", "qubrats_score")
+    against_errors = ("error_auroc", "ueo", "mean_uncertainty")
+    if all(m in summary[r] for r in regions for m in against_errors):
+        shown += against_errors
     lesion_wise = ("lesion_dice", "lesion_hd95", "lesion_nsd", "lesion_pq")
     if all(m in summary[r] for r in regions for m in lesion_wise):
         shown += lesion_wise
@@ -329,9 +426,12 @@ def evaluate_folder(
     """Scores every case of a prediction folder and writes the evaluation files.
 
     Writes to `out_dir` (created): `cases.csv` (one row per case, `<region>_<metric>`
-    columns), `summary.json` (`summarize`), `summary.md` (`markdown_table`),
-    `reliability.png` (pooled bins before and after the temperature) and
-    `qubrats_curves.png` (mean QU-BraTS filtering curves). With `brats_metrics`, the
+    columns), `ueo_curves.csv` (each case's UEO curve, `write_ueo_curves_csv`),
+    `summary.json` (`summarize`), `uncertainty.json` (`uncertainty_summary`: UEO at the best
+    mean threshold, Spearman ρ of mean uncertainty against Dice), `summary.md`
+    (`markdown_table` and `uncertainty_markdown`), `reliability.png` (pooled bins before and
+    after the temperature) and `qubrats_curves.png` (mean QU-BraTS filtering curves). With
+    `brats_metrics`, the
     `BRATS_METRICS` columns and means too, and `brats_metrics.yaml`: the configuration the
     official package ran with.
 
@@ -376,9 +476,13 @@ def evaluate_folder(
     if brats is not None:
         brats.save_config(out_dir / "brats_metrics.yaml")
     write_cases_csv(out_dir / "cases.csv", scores, regions, metrics)
+    write_ueo_curves_csv(out_dir / "ueo_curves.csv", scores, regions)
     summary = summarize(scores, regions, metrics)
     write_json_atomic(out_dir / "summary.json", summary)
-    write_text_atomic(out_dir / "summary.md", markdown_table(summary, regions) + "\n")
+    uncertainty = uncertainty_summary(scores, regions)
+    write_json_atomic(out_dir / "uncertainty.json", uncertainty)
+    tables = markdown_table(summary, regions) + "\n\n" + uncertainty_markdown(uncertainty, regions)
+    write_text_atomic(out_dir / "summary.md", tables + "\n")
     reliability_figure(
         out_dir / "reliability.png",
         {

@@ -267,3 +267,65 @@ def methods_figure(path: str | Path, rows: list[dict]) -> Path:
         axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return _save(figure, path)
+
+
+# (key, axis label, scale) of the shift study's panels: Dice in %, u = entropy in bits × 100
+# (the `_unc` maps' 0-100 scale).
+SHIFT_PANELS = (
+    ("dice", "test Dice (%)", 100.0),
+    ("mean_uncertainty", "mean uncertainty in the brain (0-100)", 100.0),
+)
+
+
+def shift_figure(
+    path: str | Path,
+    rows: list[dict],
+    *,
+    panels: tuple[tuple[str, str, float], ...] = SHIFT_PANELS,
+    title: str = "",
+) -> Path:
+    """Metrics against the shift level, one line per method, one panel per metric.
+
+    Each point is the mean over the repeats of a method at a level, its error bar their
+    standard deviation (population, as the tables').
+
+    Args:
+      path: PNG to write.
+      rows: one dict per method × level × repeat with `method`, `level` and each panel's key.
+      panels: (key, axis label, scale) per panel; the values are multiplied by scale.
+      title: figure title (e.g. the kind of shift).
+    """
+    if not rows:
+        raise ValueError("no rows to plot")
+    if not panels:
+        raise ValueError("no panels to plot")
+    missing = sorted({key for key, _, _ in panels if any(key not in r for r in rows)})
+    if missing:
+        raise ValueError(f"rows lack the panel key(s) {missing}")
+    levels = sorted({int(r["level"]) for r in rows})
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 3.8))
+    axes = np.atleast_1d(axes)
+    for axis, (key, label, scale) in zip(axes, panels, strict=True):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            by_level: dict[int, list[float]] = {}
+            for r in rows:
+                if r["method"] == method:
+                    by_level.setdefault(int(r["level"]), []).append(scale * float(r[key]))
+            at = sorted(by_level)
+            values = [by_level[level] for level in at]
+            axis.errorbar(
+                at,
+                [np.mean(v) for v in values],
+                yerr=[np.std(v) for v in values],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+        axis.set_xticks(levels)
+        axis.set(xlabel="shift level (0 = none)", ylabel=label)
+        axis.grid(alpha=0.3)
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the lines
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -391,8 +391,15 @@ def output_paths(out_dir: Path, case_id: str, regions: tuple[str, ...]) -> dict[
     return paths
 
 
-def write_case(out_dir: str | Path, prediction: CasePrediction, regions: tuple[str, ...]) -> dict:
-    """Writes one case's NIfTI files (source affine and header) and overview figure."""
+def write_case(
+    out_dir: str | Path,
+    prediction: CasePrediction,
+    regions: tuple[str, ...],
+    *,
+    figure: bool = True,
+) -> dict:
+    """Writes one case's NIfTI files (source affine and header) and, with `figure`, its
+    overview figure."""
     from vi_seg_jax.plots import overview_figure
 
     out_dir = Path(out_dir)
@@ -426,6 +433,9 @@ def write_case(out_dir: str | Path, prediction: CasePrediction, regions: tuple[s
             paths.pop(role).unlink(missing_ok=True)
         else:
             write_nifti(paths[role], squeeze(array), affine=affine, header=header, kind="float")
+    if not figure:
+        paths.pop("overview").unlink(missing_ok=True)
+        return paths
     overview_figure(
         paths["overview"],
         image=prediction.image[..., -1],
@@ -447,6 +457,7 @@ def predict_folder(
     skip_bad: bool = False,
     progress: bool = True,
     resume: bool = False,
+    figures: bool = True,
 ) -> dict:
     """Predicts a case folder, a dataset or one of the run's splits into `out_dir`.
 
@@ -469,6 +480,8 @@ def predict_folder(
         checkpoint, input, task, samples, windows, TTA and temperatures (its
         `prediction.json` says so), and predict only the others; anything made otherwise is
         redone.
+      figures: write each case's overview figure (about a second a case; studies that
+        predict many sets skip it).
 
     Returns:
       The record written to `prediction.json` (`evaluation.prediction_record`).
@@ -500,8 +513,6 @@ def predict_folder(
         temperature={r: model.temperatures.get(r, 1.0) for r in model.regions},
         cases=[],
     )
-    if "tta" not in record:  # beside the other settings, before the growing list of cases
-        record.update(tta=predictor.tta, cases=record.pop("cases"))
     finished = _finished_cases(out_dir, record, model) if resume else set()
     if finished and primary:
         print(f"continuing: {len(finished)} case(s) already predicted", file=sys.stderr)
@@ -513,7 +524,7 @@ def predict_folder(
         prediction = predictor.predict_case(case, progress=progress)
         record["cases"].append(case.case_id)
         if primary:
-            write_case(out_dir, prediction, model.regions)
+            write_case(out_dir, prediction, model.regions, figure=figures)
             write_json_atomic(out_dir / PREDICTION_FILE, record)
     return record
 
@@ -538,6 +549,7 @@ def _finished_cases(out_dir: Path, record: dict, model: TrainedModel) -> set[str
             del paths["prob_uncalibrated"]
         if record["tta"] == "none":
             del paths["tta"]
+        del paths["overview"]  # a figure, not a result
         return all(path.is_file() for path in paths.values())
 
     return {case_id for case_id in earlier.get("cases", []) if complete(case_id)}

@@ -24,7 +24,9 @@ def test_each_variant_trains_what_the_dwp_study_compares():
         "DWP-E": "vi",
     }
     assert {v for v, c in configs.items() if c.optimizer.init_from} == {"PR", "PRf"}
-    assert configs["PR"].optimizer.init_from == str((Path("study/prior.sources") / "seed0").absolute())
+    assert configs["PR"].optimizer.init_from == str(
+        (Path("study/prior.sources") / "seed0").absolute()
+    )
     assert {v for v, c in configs.items() if c.optimizer.frozen_layers} == {"PRf"}
     assert {v for v, c in configs.items() if c.prior.kind == "dwp"} == {"DWP", "DWP-E"}
     assert {v for v, c in configs.items() if c.prior.train_encoder} == {"DWP-E"}
