@@ -59,11 +59,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.common import make_parser, run_cli
-from experiments.configs import PRESETS
+from experiments.configs import PRESETS, with_overrides
 from experiments.reproduce import METHODS, TTA_METHODS, run_config
 from experiments.studies import mean_std_table, predictor_for, train_or_reuse, write_csv
 from vi_seg_jax.data.default import DefaultDataset
 from vi_seg_jax.data.synthetic import MAX_SHIFT_LEVEL, SHIFT_KINDS
+from vi_seg_jax.io.folders import write_text_atomic
+from vi_seg_jax.methods import resolve_method
 
 LEVELS = tuple(range(MAX_SHIFT_LEVEL + 1))
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "dwp")  # dwp needs --prior-dir
@@ -111,6 +113,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--test-seed", type=int, default=1, help="seed of the test cases (not the training's)")
     add("--test-shape", type=int, nargs=3, help="test grid (default: the training data's)")
     add("--samples", type=int, default=10, help="Monte Carlo samples at test time")
+    add(
+        "--kl-weight",
+        type=float,
+        help="VI and DWP runs: weight of the KL term (below 1: a tempered posterior; default: "
+        "the preset's 1)",
+    )
+    add(
+        "--init-log-var",
+        type=float,
+        help="VI and DWP runs: initial posterior log-variance (default: the preset's)",
+    )
     add("--no-progress", action="store_true", help="no line per step")
     args = parser.parse_args(argv)
     for flag in ("repeats", "train_size", "validation_size", "test_cases", "samples"):
@@ -180,6 +193,8 @@ def _settings(args: argparse.Namespace) -> dict:
         "test_seed": args.test_seed,
         "test_shape": list(args.test_shape),
         "samples": args.samples,
+        "kl_weight": args.kl_weight,
+        "init_log_var": args.init_log_var,
     }
 
 
@@ -260,6 +275,18 @@ def score_cell(
     return True
 
 
+def _run_config(args: argparse.Namespace, method: str, repeat: int):
+    """The methods table's run, with the study's VI settings (KL weight, initial variance)."""
+    config = run_config(args, "unet", method, args.train_size, repeat)
+    if not resolve_method(config.method).has_guide:  # the settings are the posterior's
+        return config
+    if args.kl_weight is not None:
+        config = with_overrides(config, prior={"kl_weight": args.kl_weight})
+    if args.init_log_var is not None:
+        config = with_overrides(config, method={"guide": {"init_log_var": args.init_log_var}})
+    return config
+
+
 def run_cells(args: argparse.Namespace, folders: dict[str, Path], after_each) -> list[dict]:
     """Trains (or reuses) each run, predicts and evaluates each test set; one row per cell
     (level 0 once, with kind None). `after_each(rows)` after each run's cells."""
@@ -276,9 +303,7 @@ def run_cells(args: argparse.Namespace, folders: dict[str, Path], after_each) ->
             if not (workdir / "summary.json").exists():
                 start = time.perf_counter()
                 _say(args, f"training {method}, repeat {repeat}")
-                train_or_reuse(
-                    run_config(run_args, "unet", method, args.train_size, repeat), workdir
-                )
+                train_or_reuse(_run_config(run_args, method, repeat), workdir)
                 _say(
                     args, f"trained {method}, repeat {repeat} ({time.perf_counter() - start:.0f} s)"
                 )
@@ -323,7 +348,6 @@ def expand_level0(rows: list[dict], kinds: Sequence[str]) -> list[dict]:
 
 
 def write_tables(args: argparse.Namespace, rows: list[dict], *, plots: bool) -> None:
-    from vi_seg_jax.io.folders import write_text_atomic
     from vi_seg_jax.plots import shift_figure
 
     tables = args.out / "tables"
@@ -357,6 +381,34 @@ def write_tables(args: argparse.Namespace, rows: list[dict], *, plots: bool) -> 
     write_text_atomic(tables / "shift.md", "\n".join(text))
 
 
+def posterior_table(args: argparse.Namespace) -> str:
+    """Where each trained posterior ended up (`bayes.guide.spread_report`): did its variances
+    leave their initial value, and how much of the network does it leave uncertain?"""
+    from vi_seg_jax.bayes.guide import spread_report
+    from vi_seg_jax.run_folder import read_run
+
+    lines = [
+        "| run | KL weight | initial log σ² | log σ² 5% | median | 95% | σ > abs(μ) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in args.methods:
+        for repeat in range(args.repeats):
+            workdir = args.out / "runs" / f"{method}-r{repeat}"
+            if not (workdir / "summary.json").exists():
+                continue
+            model = read_run(workdir)
+            if model.state.guide is None:
+                break
+            report = spread_report(model.state.guide)
+            lines.append(
+                f"| {method}-r{repeat} | {model.config.prior.kl_weight:g} | "
+                f"{model.config.method.guide.init_log_var:g} | {report['log_var_p5']:.2f} | "
+                f"{report['log_var_median']:.2f} | {report['log_var_p95']:.2f} | "
+                f"{100 * report['sigma_above_abs_mu']:.1f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.test_shape is None:
@@ -366,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folders = write_test_sets(args)
     rows = run_cells(args, folders, lambda rows: write_tables(args, rows, plots=False))
     write_tables(args, rows, plots=True)
+    write_text_atomic(args.out / "tables" / "posterior.md", posterior_table(args))
     print((args.out / "tables" / "shift.md").read_text())
     took = (time.perf_counter() - start) / 60
     print(f"tables and plots in {args.out / 'tables'}/ ({took:.1f} min)", file=sys.stderr)

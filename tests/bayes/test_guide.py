@@ -50,3 +50,25 @@ def test_samples_have_the_guide_moments():
         np.testing.assert_allclose(draw.mean(0), loc, atol=5 * np.exp(-1.0) / np.sqrt(4000))
         np.testing.assert_allclose(draw.std(0), np.exp(-1.0), rtol=0.1)
     assert jax.tree_util.tree_leaves(draws)[0].dtype == jnp.float32
+
+
+def test_spread_report_reads_every_weight_of_the_posterior():
+    from vi_seg_jax.bayes.guide import GuideParams, spread_report
+
+    rng = np.random.default_rng(0)
+    loc = {
+        "a": {"kernel": rng.normal(size=(3, 3, 2, 4))},
+        "b": {"kernel": rng.normal(size=(3, 3, 4, 4))},
+    }
+    log_var = {
+        "a": {"kernel": rng.normal(-5, 2, size=(3, 3, 2, 4))},
+        "b": {"kernel": rng.normal(1, 1, size=(3, 3, 4, 4))},
+    }
+    report = spread_report(GuideParams(loc=loc, log_var=log_var))
+    every_log_var = np.concatenate([log_var["a"]["kernel"].ravel(), log_var["b"]["kernel"].ravel()])
+    every_loc = np.concatenate([loc["a"]["kernel"].ravel(), loc["b"]["kernel"].ravel()])
+    assert report["weights"] == 72 + 144
+    assert report["log_var_median"] == np.median(every_log_var)
+    assert report["log_var_p5"] < report["log_var_median"] < report["log_var_p95"]
+    share = np.mean(np.sqrt(np.exp(every_log_var)) > np.abs(every_loc))
+    assert report["sigma_above_abs_mu"] == share and 0 < share < 1

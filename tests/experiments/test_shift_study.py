@@ -76,6 +76,8 @@ def test_shift_study_writes_cells_equal_to_the_evaluations_and_reuses_them(
             assert not any(np.array_equal(t1, other) for other in trained)
     # Two runs (the TTA row predicts the deterministic run again).
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["deterministic-r0", "mc_dropout-r0"]
+    # No posterior among them: the posterior table is its header only.
+    assert (out / "tables" / "posterior.md").read_text().count("\n") == 2
 
     # cells.csv: one row per method × kind × level × repeat, each the recomputation of its
     # evaluation's per-case files.
@@ -188,3 +190,16 @@ def test_help_states_each_default_once(capsys):
     options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
     for entry in (" ".join(o.split()) for o in options if o.strip()):
         assert len(re.findall(r"\bdefault\b", entry)) <= 1, entry
+
+
+def test_the_vi_study_settings_reach_only_the_posteriors_runs():
+    args = shift_study.parse_args(["--out", "x", "--kl-weight", "0.1", "--init-log-var", "-8"])
+    args.test_size = 0
+    vi = shift_study._run_config(args, "vi", 0)
+    assert vi.prior.kl_weight == 0.1 and vi.method.guide.init_log_var == -8.0
+    deterministic = shift_study._run_config(args, "deterministic", 0)
+    assert deterministic.prior.kl_weight == 1.0
+    assert deterministic.method.guide.init_log_var != -8.0
+    plain = shift_study.parse_args(["--out", "x"])
+    plain.test_size = 0
+    assert shift_study._run_config(plain, "vi", 0).prior.kl_weight == 1.0

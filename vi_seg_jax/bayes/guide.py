@@ -119,3 +119,21 @@ def sample_kernels(key: jax.Array, guide: GuideParams) -> dict:
         for loc, scale, start, stop in zip(locs, scales, offsets[:-1], offsets[1:], strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, draws)
+
+
+def spread_report(guide: GuideParams) -> dict[str, float]:
+    """How far q(w) spreads over all its weights: quantiles of log σ², and the share of weights
+    whose σ exceeds |μ| (a signal-to-noise ratio below 1; Blundell et al. 2015). Tells whether
+    training moved the variances from their initial value and how much of the network the
+    posterior leaves uncertain."""
+    log_var = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(guide.log_var)])
+    loc = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(guide.loc)])
+    log_var, loc = log_var.astype(np.float64), loc.astype(np.float64)
+    p5, median, p95 = np.quantile(log_var, (0.05, 0.5, 0.95))
+    return {
+        "weights": int(log_var.size),
+        "log_var_p5": float(p5),
+        "log_var_median": float(median),
+        "log_var_p95": float(p95),
+        "sigma_above_abs_mu": float(np.mean(np.exp(0.5 * log_var) > np.abs(loc))),
+    }
