@@ -1,11 +1,10 @@
 """experiments.export: one model file from a run, and one-line errors on bad input."""
 
-import subprocess
-import sys
-
 import pytest
 
 from experiments import export
+from tests.experiments.test_predict_evaluate import _cli as _command
+from tests.experiments.test_predict_evaluate import _one_line_error
 from tests.test_model_archive import BEST, _assert_same_model, write_tiny_run
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.model_archive import load_archive
@@ -30,20 +29,7 @@ def test_export_writes_the_best_checkpoint_and_says_so(run, tmp_path, capsys):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.export", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    return _command("export", *args)
 
 
 def test_bad_input_exits_2_with_one_line(run, tmp_path):
