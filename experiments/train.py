@@ -270,6 +270,7 @@ FLAGS = (
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = make_parser("experiments.train", __doc__)
+    parser.epilog = "A flag left out takes the preset's value (experiments/configs.py)."
     add = parser.add_argument
     add("--backbone", choices=sorted(BACKBONES), default="unet", help="network architecture")
     add(
