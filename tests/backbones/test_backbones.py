@@ -30,7 +30,7 @@ from vi_seg_jax.backbones import (
     count_params,
     get_backbone,
 )
-from vi_seg_jax.backbones._blocks import (
+from vi_seg_jax.backbones.blocks import (
     DEFAULT_CONV,
     depth_to_space,
     instance_norm,

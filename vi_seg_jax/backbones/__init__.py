@@ -23,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from vi_seg_jax.backbones._blocks import (
+from vi_seg_jax.backbones.blocks import (
     Backbone,
     ResBlock,
     UpBlock,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from vi_seg_jax.backbones._blocks import (
+from vi_seg_jax.backbones.blocks import (
     Backbone,
     ResBlock,
     conv1,
@@ -38,7 +38,7 @@ class FCN(Backbone):
     `upsample="transpose"` (default) a learned kernel-2 stride-2 transposed conv (a
     1×1(×1) conv named `up_k` + depth-to-space) initialised to nearest-neighbour
     replication, the 2×2 analogue of FCN's bilinear-initialised learned deconvolution; with
-    `"resize"` a fixed linear resize and no parameters. See `_blocks.upsample2x`.
+    `"resize"` a fixed linear resize and no parameters. See `blocks.upsample2x`.
 
     No 3×3(×3) conv has a bias; the score convs have one. There is no `head` module: the
     fused score map is the classifier output.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from vi_seg_jax.backbones._blocks import Backbone, ResBlock, UpBlock, conv1, conv3
+from vi_seg_jax.backbones.blocks import Backbone, ResBlock, UpBlock, conv1, conv3
 
 
 class UNet(Backbone):

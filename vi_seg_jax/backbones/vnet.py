@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vi_seg_jax.backbones._blocks import (
+from vi_seg_jax.backbones.blocks import (
     DEFAULT_CONV,
     Backbone,
     Upsample,
@@ -34,7 +34,7 @@ class _Stage(nn.Module):
     `num_convs` units conv → instance norm → PReLU (→ dropout), residual sum, PReLU.
 
     Submodules: entry `down` (2×2(×2) stride-2 conv, `entry="down"`), `upsample`
-    (`entry="up"`, see `_blocks.upsample2x`) or `shortcut` (`entry="input"`, a 1×1(×1) conv,
+    (`entry="up"`, see `blocks.upsample2x`) or `shortcut` (`entry="input"`, a 1×1(×1) conv,
     only when the input's channels differ from `features`), with `prelu_entry` after
     `down`/`upsample`; then `conv_k`, `prelu_k` for `k = 1..num_convs` and `prelu_out`
     (instance norm is a parameter-free function).
@@ -136,7 +136,7 @@ class VNet(Backbone):
 
     Upsampling: `upsample="transpose"` (default, the paper's 2×2×2 stride-2
     de-convolution, written as an equivalent 1×1(×1) conv + depth-to-space) or `"resize"`
-    (1×1(×1) conv + linear resize); see `_blocks.upsample2x`.
+    (1×1(×1) conv + linear resize); see `blocks.upsample2x`.
 
     Input-size rule: every spatial size a multiple of `2**depth`, 16 with the default
     `features` (see `Backbone`).
