@@ -27,6 +27,12 @@ from pathlib import Path
 from experiments.common import make_parser, run_cli
 from experiments.configs import PRESETS, get_config, with_overrides
 from vi_seg_jax.backbones import BACKBONES
+from vi_seg_jax.dwp.vae import VAEConfig
+
+# The kernel VAEs (their `spatial_dims` is the source runs'). The DWP code's Adam 5e-4 with
+# batch 128 under-fits at CPU step budgets (measured on 65k kernels: held-out −ELBO −23.0
+# nats after 10k steps, −25.7 with 2e-3 / 512 / 20k).
+PRIOR_VAE = VAEConfig(latent_dim=6, learning_rate=2e-3, batch_size=512, steps=20_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,7 @@ class PriorSettings:
 
     `None` takes the preset's value (`spatial_dims`, `features`, `patch`), the synthetic
     lesions domain (`source_data_dir`), or trains `sources` new source runs (`source_runs`).
+    `vae` is every layer group's kernel VAE but for its `spatial_dims`, the source runs'.
     """
 
     out: Path
@@ -47,21 +54,24 @@ class PriorSettings:
     source_runs: tuple[Path, ...] | None = None
     sources: int = 2
     source_steps: int = 200
-    vae_steps: int = 20_000
-    latent_dim: int = 6
-    # The DWP code's Adam 5e-4 with batch 128 under-fits at CPU step budgets (measured on
-    # 65k kernels: held-out −ELBO −23.0 nats after 10k steps, −25.7 with 2e-3 / 512 / 20k).
-    vae_learning_rate: float = 2e-3
-    vae_batch_size: int = 512
+    vae: VAEConfig = PRIOR_VAE
     seed: int = 0
     always_vae: bool = False
     progress: bool = True
 
 
-# The fields set by a flag of the same name (`--out` has no default; `--no-progress`).
+# The fields set by a flag of the same name (`--out` has no default; `--no-progress`; `vae`'s
+# fields have their own flags).
 _FLAG_FIELDS = tuple(
-    f.name for f in dataclasses.fields(PriorSettings) if f.name not in ("out", "progress")
+    f.name for f in dataclasses.fields(PriorSettings) if f.name not in ("out", "progress", "vae")
 )
+# Flag -> the `VAEConfig` field it sets.
+_VAE_FLAGS = {
+    "vae_steps": "steps",
+    "latent_dim": "latent_dim",
+    "vae_learning_rate": "learning_rate",
+    "vae_batch_size": "batch_size",
+}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,6 +101,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--no-progress", action="store_true", help="no progress bars")
     # Every flag's default is the `PriorSettings` field's (shown by --help).
     parser.set_defaults(**{name: getattr(PriorSettings, name) for name in _FLAG_FIELDS})
+    parser.set_defaults(**{flag: getattr(PRIOR_VAE, field) for flag, field in _VAE_FLAGS.items()})
     args = parser.parse_args(argv)
     if args.sources < 1 or args.source_steps < 1 or args.vae_steps < 1 or args.latent_dim < 1:
         parser.error("--sources, --source-steps, --vae-steps and --latent-dim must be >= 1")
@@ -150,7 +161,10 @@ def settings_from_args(args: argparse.Namespace) -> PriorSettings:
     values = {name: getattr(args, name) for name in ("out", *_FLAG_FIELDS)}
     for name in ("features", "patch", "source_runs"):  # nargs="+": lists
         values[name] = tuple(values[name]) if values[name] else None
-    return PriorSettings(**values, progress=not args.no_progress)
+    vae = dataclasses.replace(
+        PRIOR_VAE, **{field: getattr(args, flag) for flag, field in _VAE_FLAGS.items()}
+    )
+    return PriorSettings(**values, vae=vae, progress=not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,7 +189,6 @@ def build_prior(settings: PriorSettings) -> str:
     from vi_seg_jax.bayes.guide import bayesian_paths
     from vi_seg_jax.dwp.kernels import collect_kernels, default_groups
     from vi_seg_jax.dwp.prior import write_prior
-    from vi_seg_jax.dwp.vae import VAEConfig
     from vi_seg_jax.dwp.vae_training import train_vae
     from vi_seg_jax.errors import DataError
     from vi_seg_jax.methods import Deterministic
@@ -196,6 +209,7 @@ def build_prior(settings: PriorSettings) -> str:
     if len(dims) != 1:
         raise DataError(runs[0], f"source runs mix spatial dims {sorted(dims)}")
     spatial_dims = dims.pop()
+    vae_config = dataclasses.replace(settings.vae, spatial_dims=spatial_dims)
     params = [jax.device_get(m.state.params) for m in models]
     groups = default_groups(settings.backbone, bayesian_paths(params[0]))
     kernels = collect_kernels(params, groups)
@@ -205,16 +219,9 @@ def build_prior(settings: PriorSettings) -> str:
         rows = kernels[name]
         if len(rows) < 20:
             raise DataError(runs[0], f"layer group {name} has only {len(rows)} usable kernels")
-        config = VAEConfig(
-            spatial_dims=spatial_dims,
-            latent_dim=settings.latent_dim,
-            steps=settings.vae_steps,
-            learning_rate=settings.vae_learning_rate,
-            batch_size=settings.vae_batch_size,
-        )
         print(f"kernel VAE {name}: {len(rows)} kernels", file=sys.stderr)
-        vae_params, report = train_vae(rows, config, key, progress=settings.progress)
-        vaes[name] = (vae_params, config)
+        vae_params, report = train_vae(rows, vae_config, key, progress=settings.progress)
+        vaes[name] = (vae_params, vae_config)
         reports[name] = {k: _plain(v) for k, v in report.items()}
     gaussian_groups = {} if settings.always_vae else gaussian_fallbacks(reports, groups)
     reports["sources"] = [str(Path(run).absolute()) for run in runs]

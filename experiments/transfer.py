@@ -25,6 +25,7 @@ The source networks and the prior come from `experiments.train_prior` (built int
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,7 +109,7 @@ def _middle_layers(depth: int) -> tuple[str, ...]:
 
 def build_prior(args: argparse.Namespace) -> Path:
     """`--prior-dir`, or the prior built into `OUT/prior` (reused when already there)."""
-    from experiments.train_prior import PriorSettings
+    from experiments.train_prior import PRIOR_VAE, PriorSettings
     from experiments.train_prior import build_prior as train_prior
 
     if args.prior_dir:
@@ -125,7 +126,7 @@ def build_prior(args: argparse.Namespace) -> Path:
             patch=patch,
             source_data_dir=args.source_data_dir,
             source_steps=args.source_steps,
-            vae_steps=args.vae_steps,
+            vae=dataclasses.replace(PRIOR_VAE, steps=args.vae_steps),
             progress=not args.no_progress,
         )
         print(train_prior(settings))

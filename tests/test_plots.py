@@ -3,6 +3,7 @@ import pytest
 
 from vi_seg_jax.metrics import calibration_bins, qubrats
 from vi_seg_jax.plots import (
+    CaseVolumes,
     overview_figure,
     qubrats_figure,
     reliability_figure,
@@ -68,12 +69,14 @@ def test_overview_figure_shows_three_views_through_the_tumour(tmp_path):
         "aleatoric": truth * 0.2,
         "epistemic": truth * 0.1,
     }
-    path = overview_figure(tmp_path / "overview.png", truth=truth, **maps, title="case")
+    path = overview_figure(
+        tmp_path / "overview.png", CaseVolumes(truth=truth, **maps), title="case"
+    )
     assert _is_nontrivial_png(path)
-    without_truth = overview_figure(tmp_path / "no_truth.png", truth=None, **maps)
+    without_truth = overview_figure(tmp_path / "no_truth.png", CaseVolumes(truth=None, **maps))
     assert _is_nontrivial_png(without_truth)
     with pytest.raises(ValueError, match="3D shape"):
-        overview_figure(tmp_path / "bad.png", truth=truth[:-1], **maps)
+        overview_figure(tmp_path / "bad.png", CaseVolumes(truth=truth[:-1], **maps))
 
 
 def test_shift_figure_draws_mean_and_std_over_repeats_per_method(tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -355,9 +356,8 @@ def write_ueo_curves_csv(
     thresholds: tuple[float, ...] = UEO_THRESHOLDS,
 ) -> None:
     """One row per case: `case_id`, then `<region>_ueo_<t>` for each threshold t."""
-    columns = ["case_id"] + [f"{r}_ueo_{t:g}" for r in regions for t in thresholds]
-    rows = [[s.case_id] + [f"{v:.6g}" for r in regions for v in s.ueo_curves[r]] for s in scores]
-    write_csv_atomic(path, columns, rows)
+    columns = [f"{r}_ueo_{t:g}" for r in regions for t in thresholds]
+    _write_case_rows(path, scores, columns, lambda s: [v for r in regions for v in s.ueo_curves[r]])
 
 
 def uncertainty_markdown(uncertainty: dict[str, dict[str, Any]], regions: tuple[str, ...]) -> str:
@@ -382,11 +382,20 @@ def write_cases_csv(
     regions: tuple[str, ...],
     metrics: tuple[str, ...] = METRICS,
 ) -> None:
-    columns = ["case_id"] + [f"{r}_{m}" for r in regions for m in metrics]
-    rows = [
-        [s.case_id] + [f"{s.values[r][m]:.6g}" for r in regions for m in metrics] for s in scores
-    ]
-    write_csv_atomic(path, columns, rows)
+    """One row per case: `case_id`, then `<region>_<metric>` for each metric."""
+    columns = [f"{r}_{m}" for r in regions for m in metrics]
+    _write_case_rows(
+        path, scores, columns, lambda s: [s.values[r][m] for r in regions for m in metrics]
+    )
+
+
+def _write_case_rows(
+    path: Path, scores: list[CaseScores], columns: list[str], values: Callable[[CaseScores], list]
+) -> None:
+    """A CSV of `case_id` and `columns`: per case, its id and `values(case)`, each to 6
+    significant digits."""
+    rows = [[s.case_id] + [f"{v:.6g}" for v in values(s)] for s in scores]
+    write_csv_atomic(path, ["case_id", *columns], rows)
 
 
 def markdown_table(summary: dict[str, Any], regions: tuple[str, ...]) -> str:

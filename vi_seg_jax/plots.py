@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import matplotlib
@@ -19,33 +20,34 @@ def tumour_slice(mask: np.ndarray) -> int:
     return int(np.argmax(areas)) if areas.any() else mask.shape[-1] // 2
 
 
-def uncertainty_figure(
-    path: str | Path,
-    *,
-    image: np.ndarray,
-    truth: np.ndarray | None,
-    prediction: np.ndarray,
-    aleatoric: np.ndarray,
-    epistemic: np.ndarray,
-    title: str = "",
-) -> Path:
+@dataclasses.dataclass(frozen=True)
+class CaseVolumes:
+    """One case's volumes as the figures show them, each [X, Y, Z]."""
+
+    image: np.ndarray  # one modality
+    truth: np.ndarray | None  # bool whole-tumour mask, or None when the case has no label
+    prediction: np.ndarray  # bool whole-tumour mask
+    aleatoric: np.ndarray  # foreground variance
+    epistemic: np.ndarray  # foreground variance
+
+
+def uncertainty_figure(path: str | Path, volumes: CaseVolumes, *, title: str = "") -> Path:
     """The paper's figure layout: input, ground truth, prediction, aleatoric, epistemic.
 
     Args:
       path: PNG to write.
-      image: [X, Y, Z] one modality.
-      truth: [X, Y, Z] bool whole-tumour mask, or None.
-      prediction: [X, Y, Z] bool.
-      aleatoric, epistemic: [X, Y, Z] foreground variances.
+      volumes: the case's maps; the axial slice shown is `tumour_slice` of the truth (of
+        the prediction when there is no truth).
       title: figure title.
     """
-    z = tumour_slice(truth if truth is not None else prediction)
+    z = tumour_slice(volumes.truth if volumes.truth is not None else volumes.prediction)
     panels = [
-        ("input", image, "gray"),
-        ("ground truth", truth, "gray"),
-        ("prediction", prediction, "gray"),
+        ("input", volumes.image, "gray"),
+        ("ground truth", volumes.truth, "gray"),
+        ("prediction", volumes.prediction, "gray"),
+        ("aleatoric", volumes.aleatoric, "magma"),
+        ("epistemic", volumes.epistemic, "magma"),
     ]
-    panels += [("aleatoric", aleatoric, "magma"), ("epistemic", epistemic, "magma")]
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for axis, (name, volume, cmap) in zip(axes, panels, strict=True):
         axis.set_axis_off()
@@ -160,16 +162,7 @@ def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.rot90(np.take(np.asarray(volume, np.float32), index, axis=axis))
 
 
-def overview_figure(
-    path: str | Path,
-    *,
-    image: np.ndarray,
-    truth: np.ndarray | None,
-    prediction: np.ndarray,
-    aleatoric: np.ndarray,
-    epistemic: np.ndarray,
-    title: str = "",
-) -> Path:
+def overview_figure(path: str | Path, volumes: CaseVolumes, *, title: str = "") -> Path:
     """Axial, coronal and sagittal slices through the tumour: one row per view.
 
     Columns: input, ground truth (when given), prediction, aleatoric and epistemic maps
@@ -177,10 +170,11 @@ def overview_figure(
 
     Args:
       path: PNG to write.
-      image: [X, Y, Z] one modality; truth: [X, Y, Z] bool or None; prediction: [X, Y, Z]
-        bool; aleatoric, epistemic: [X, Y, Z].
+      volumes: the case's maps, which must share one 3D shape.
       title: figure title.
     """
+    image, truth, prediction = volumes.image, volumes.truth, volumes.prediction
+    aleatoric, epistemic = volumes.aleatoric, volumes.epistemic
     shapes = {np.shape(a) for a in (image, prediction, aleatoric, epistemic)}
     if truth is not None:
         shapes.add(np.shape(truth))

@@ -400,7 +400,7 @@ def write_case(
 ) -> dict:
     """Writes one case's NIfTI files (source affine and header) and, with `figure`, its
     overview figure."""
-    from vi_seg_jax.plots import overview_figure
+    from vi_seg_jax.plots import CaseVolumes, overview_figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -436,15 +436,14 @@ def write_case(
     if not figure:
         paths.pop("overview").unlink(missing_ok=True)
         return paths
-    overview_figure(
-        paths["overview"],
+    volumes = CaseVolumes(
         image=prediction.image[..., -1],
         truth=None if prediction.truth is None else prediction.truth > 0,
         prediction=prediction.labels > 0,
         aleatoric=prediction.aleatoric[..., 0],
         epistemic=prediction.epistemic[..., 0],
-        title=f"{prediction.case.case_id}",
     )
+    overview_figure(paths["overview"], volumes, title=f"{prediction.case.case_id}")
     return paths
 
 

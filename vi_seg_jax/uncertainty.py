@@ -140,20 +140,15 @@ def summarize(sums: PredictiveSums, task: TaskName) -> Predictive:
 
 def summarize_tta(sums: TTASums, task: TaskName) -> TTAPredictive:
     """The decompositions over (sample, flip) pairs from the state of finished flips."""
-    pooled = sums.pooled
-    count = jnp.maximum(pooled.count, 1.0)
-    total = entropy(pooled.mean, task)
-    expected = pooled.entropy / count
+    pairs = summarize(sums.pooled, task)
+    count = jnp.maximum(sums.pooled.count, 1.0)
     per_flip = sums.flip_entropy / count  # mean_f H[p̄_f] (every flip has T samples)
+    # The pooled MI would count the flips' disagreement too; TTA keeps it within flips.
+    within = jnp.maximum(per_flip - pairs.expected_entropy, 0.0)
     return TTAPredictive(
-        mean=pooled.mean,
-        aleatoric=pooled.aleatoric / count,
-        epistemic=pooled.m2 / count,
-        entropy=total,
-        expected_entropy=expected,
-        mutual_information=jnp.maximum(per_flip - expected, 0.0),
+        **pairs._replace(mutual_information=within)._asdict(),
         tta=sums.between / count,
-        tta_information=jnp.maximum(total - per_flip, 0.0),
+        tta_information=jnp.maximum(pairs.entropy - per_flip, 0.0),
     )
 
 

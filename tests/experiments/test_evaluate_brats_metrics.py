@@ -26,16 +26,11 @@ from vi_seg_jax.io.nifti import read_nifti, write_nifti
 from vi_seg_jax.metrics import HD95_CAP, dice
 from vi_seg_jax.task import get_task
 
-# The columns and the package's result keys they promise to hold (brats_metrics docstring).
-COLUMNS = {
-    "lesion_dice": "sq_dsc",
-    "lesion_hd95": "sq_hd95",
-    "lesion_nsd": "sq_nsd",
-    "lesion_pq": "pq_dsc",
-    "lesion_tp": "tp",
-    "lesion_fp": "fp",
-    "lesion_fn": "fn",
-}
+# The columns and the package's result keys they promise to hold (brats_metrics docstring),
+# spelt out here rather than imported so that a wrong key there fails: the matched lesions'
+# means, then panoptic quality and the lesion counts.
+COLUMNS = {"lesion_dice": "sq_dsc", "lesion_hd95": "sq_hd95", "lesion_nsd": "sq_nsd"}
+COLUMNS |= {"lesion_pq": "pq_dsc", "lesion_tp": "tp", "lesion_fp": "fp", "lesion_fn": "fn"}
 
 
 def _official(prediction, truth):

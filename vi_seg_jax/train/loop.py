@@ -52,7 +52,7 @@ from vi_seg_jax.io.folders import write_json_atomic
 from vi_seg_jax.methods import Deterministic
 from vi_seg_jax.metrics import dice, iou
 from vi_seg_jax.parallel import data_mesh, global_batch, is_primary, process_rows, replicated
-from vi_seg_jax.plots import uncertainty_figure
+from vi_seg_jax.plots import CaseVolumes, uncertainty_figure
 from vi_seg_jax.predict import Predictor, TrainedModel, fit_temperatures, load_trained
 from vi_seg_jax.task import get_task
 from vi_seg_jax.train.build import build_spec, preprocess_config_for
@@ -430,12 +430,15 @@ def _pad_to(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _figure(path: Path, out: Predictive, case: PreparedCase, config: TrainConfig, samples: int):
     task = get_task(config.likelihood.task)
-    uncertainty_figure(
-        path,
+    volumes = CaseVolumes(
         image=np.asarray(case.image)[..., -1],
         truth=np.asarray(case.label) > 0,
         prediction=task.whole_tumour(out.mean) > 0.5,
         aleatoric=task.whole_tumour(out.aleatoric),
         epistemic=task.whole_tumour(out.epistemic),
+    )
+    uncertainty_figure(
+        path,
+        volumes,
         title=f"{case.case_id}: {config.backbone.name}, {config.method.method}, {samples} samples",
     )
