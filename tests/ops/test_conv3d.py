@@ -78,8 +78,8 @@ def _assert_close_to_lax(conv, x_shape, k_shape, strides, padding):
 
 # Every formulation on the stride-1 cases; the strided rewrite feeds its stride-1 conv to
 # the selected formulation: strided cases under "auto", "xla" (the rewrite alone), "gemm".
-STRIDE1_IMPLS = ("auto", "xla", "stacked", "summed", "gemm")
-STRIDED_IMPLS = ("auto", "xla", "gemm")
+STRIDE1_IMPLS = ("auto", "xla", "stacked", "summed", "gemm", "onednn")
+STRIDED_IMPLS = ("auto", "xla", "gemm", "onednn")
 CASES_3D_BY_IMPL = [
     pytest.param(impl, *case, id=f"{impl}-{i}")
     for impl in CONV_IMPLS
@@ -108,6 +108,8 @@ def test_2d_matches_lax(x_shape, k_shape, strides, padding):
         ConvChoice("summed", "xla", "stacked"),
         ConvChoice("gemm", "summed", "summed@2"),
         ConvChoice("stacked", "gemm", "stacked@8"),
+        ConvChoice("onednn", "summed", "gemm"),
+        ConvChoice("gemm", "onednn", "onednn"),
     ],
     ids=str,
 )

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vi_seg_jax.ops import onednn
 from vi_seg_jax.ops.conv_forms import (
     FORWARD,
     FORWARD_FORMS,
@@ -55,6 +56,8 @@ class ConvEngine:
       `Q = ceil(K / s)`, space-to-depth by `s`, and a stride-1 VALID conv with the kernel
       zero-padded to `Q * s` and rearranged to `(Q,) * d + (s**d * C_in, C_out)` (2.4× the
       strided conv's FLOPs for 3×3×3 stride 2, and still faster forward+backward).
+    Where oneDNN computes the stride-1 rewrite fastest (or `impl="onednn"`), a strided conv
+    with a kernel larger than 1 runs on oneDNN's strided kernels instead, unrewritten.
     Every stride-1 3D conv is then computed piece by piece (`conv_stride1`): with
     `impl="auto"` each piece by `conv_tuning.piece_form`, looked up (or measured) when that
     piece is traced, so a forward-only program never tunes gradients; otherwise by `impl`.
@@ -115,8 +118,24 @@ class ConvEngine:
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(spatial, ksize, strides, padding)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        x, w, pads = _as_stride1(lhs, rhs, strides, pads)
-        return conv_stride1(x, w, pads, self.choice(w.shape), precision, preferred_element_type)
+        x, w, pads1 = _as_stride1(lhs, rhs, strides, pads)
+        if max(strides) > 1 and max(ksize) > 1 and self._onednn_strided(x, w, pads1):
+            return onednn.strided_conv(lhs, rhs, strides, pads).astype(
+                preferred_element_type or lhs.dtype
+            )
+        return conv_stride1(x, w, pads1, self.choice(w.shape), precision, preferred_element_type)
+
+    def _onednn_strided(self, x, w, pads) -> bool:
+        """Whether a strided conv runs on oneDNN's strided kernels: forced, or where oneDNN
+        computes the stride-1 rewrite fastest (its strided kernels then win by the rewrite's
+        extra FLOPs)."""
+        if self.impl == "onednn":
+            return True
+        return (
+            self.impl == "auto"
+            and onednn.available(x.dtype)
+            and piece_form("forward", x.shape, w.shape, pads, x.dtype) == "onednn"
+        )
 
     def choice(self, w_shape) -> ConvChoice:
         """The formulations of a stride-1 conv with this kernel ("auto": measured)."""

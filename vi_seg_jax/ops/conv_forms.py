@@ -13,6 +13,8 @@ conv) and each kernel-gradient formulation (`KERNEL_GRAD`) computes the same num
   channels with a `(K1, K2, K0 * C_in, C_out)` kernel (better for few input channels).
 - `"gemm"`: one matrix product on the flattened padded grid plus a shifted sum (`_gemm`);
   its kernel gradient is one GEMM over the rows of that grid (`_kernel_grad_gemm`).
+- `"onednn"`: oneDNN's direct convolutions, forward and kernel gradient
+  (`vi_seg_jax.ops.onednn`; float32 on CPUs where the library is installed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-FORWARD_FORMS: tuple[str, ...] = ("xla", "summed", "stacked", "gemm")
+from vi_seg_jax.ops import onednn
+
+FORWARD_FORMS: tuple[str, ...] = ("xla", "summed", "stacked", "gemm", "onednn")
 # "summed@s": the kernel gradient of "summed" accumulated over slabs of `s` output slices of
 # the first spatial axis. XLA's 2D kernel-gradient conv is several times faster on such slabs
 # than on the whole folded batch, and which slab size wins depends on the shape and the
@@ -38,6 +42,7 @@ KERNEL_GRAD_FORMS: tuple[str, ...] = (
     "summed",
     "stacked",
     "gemm",
+    "onednn",
     *(f"summed@{s}" for s in SLAB_SIZES),
     *(f"stacked@{s}" for s in (2, 8)),
 )
@@ -258,6 +263,7 @@ FORWARD: dict[str, Callable] = {
     "summed": functools.partial(_fold, stacked=False),
     "stacked": functools.partial(_fold, stacked=True),
     "gemm": _gemm,
+    "onednn": onednn.forward,
 }
 
 
@@ -331,6 +337,7 @@ KERNEL_GRAD: dict[str, Callable] = {
     "summed": _kernel_grad_by_vjp("summed"),
     "stacked": _kernel_grad_by_vjp("stacked"),
     "gemm": _kernel_grad_gemm,
+    "onednn": onednn.kernel_grad,
     **{
         form: _kernel_grad_by_slabs(form.split("@")[0], int(form.split("@")[1]))
         for form in KERNEL_GRAD_FORMS

@@ -41,6 +41,7 @@ import numpy as np
 
 from vi_seg_jax.errors import DataError
 from vi_seg_jax.io.folders import cache_root, write_text_atomic
+from vi_seg_jax.ops import onednn
 from vi_seg_jax.ops.conv_forms import (
     FORWARD,
     FORWARD_FORMS,
@@ -56,7 +57,8 @@ ENV_MEMORY = "VI_SEG_JAX_CONV_MEMORY_MB"
 DEFAULT_BUDGET_SECONDS = 300.0
 # Convs below this many FLOPs per piece use the rule: timing them costs more than it saves.
 MIN_TUNED_FLOPS = 1e9
-TUNING_FORMAT = 1
+# 2: oneDNN's convolutions are candidates (entries measured without them are stale).
+TUNING_FORMAT = 2
 # Slab-wise kernel gradients with more slabs than this are not candidates: compile time grows
 # with the slab count (128 one-slice slabs at 128³ took longer to compile than to tune).
 MAX_SLABS = 32
@@ -145,6 +147,7 @@ def machine_description() -> dict[str, str]:
         )
         desc["device"] = info.get("model name") or platform.processor() or platform.machine()
         desc["isa"] = " ".join(flags)
+        desc["onednn"] = onednn.version() or "none"
         desc["cores"] = str(
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         )
@@ -317,8 +320,11 @@ def _measure(piece, x_shape, w_shape, pads, dtype) -> dict:
         out_shape = _out_shape(x_shape, w_shape, pads)
         other = jnp.asarray(rng.normal(size=(*out_shape, w_shape[-1])), dtype)
         slices = out_shape[1]
-        forms = [f for f in KERNEL_GRAD_FORMS if -(-slices // _slab(f)) <= MAX_SLABS]
+        forms = [
+            f for f in KERNEL_GRAD_FORMS if "@" not in f or -(-slices // _slab(f)) <= MAX_SLABS
+        ]
         make = lambda form: lambda x, dy: KERNEL_GRAD[form](x, dy, w_shape, pads, None)  # noqa: E731
+    forms = [f for f in forms if f != "onednn" or onednn.available(dtype)]
     budget = _memory_budget_bytes()
     seconds, memory = {}, {}
     print(
