@@ -4,7 +4,7 @@ Usage (from the repository root):
   python -m benchmarks.train_step [--backbone unet|vnet|fcn|all] [--patch 64] [--batch 2]
       [--channels 4] [--features 16 32 64 128] [--particles 1] [--estimator lrt|full] [--method vi|deterministic|mc_dropout|ensemble]
       [--steps 5] [--devices 1] [--spatial-dims 3] [--precision fp32|bf16] [--clock-ghz GHZ]
-      [--conv-impl auto[,lax,xla,summed,stacked,gemm]]
+      [--conv-impl auto[,lax,xla,summed,stacked,gemm,onednn]]
 
 Prints one JSON line per backbone and `--conv-impl` value: `seconds_per_step` (median of
 `--steps` timed steps after one warm-up call), `voxels_per_second`, `peak_rss_mb` (the
@@ -36,7 +36,7 @@ before jax is imported) and trains on the mesh of `vi_seg_jax.parallel` (the bat
 the state replicated; the batch must divide by N). `--conv-impl a,b,...` compiles the step
 with the backbone's convolutions computed by each `vi_seg_jax.ops.ConvEngine` impl ("auto":
 the formulations measured fastest on this machine, tuning first where needed; "lax": XLA's
-own convs; "xla", "summed", "stacked", "gemm": one formulation everywhere) and times them
+own convs; "xla", "summed", "stacked", "gemm", "onednn": one formulation everywhere) and times them
 interleaved, adding `speedup_over_<a>` (the median of per-round time ratios: robust on a
 shared, noisy machine). A second run reads the tuning file (`tuning_seconds` ≈ 0); deleting
 `tuning_file` retunes. Measured numbers, with the CPU they were measured on, are in the
@@ -305,7 +305,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
     from vi_seg_jax.backbones import get_backbone
     from vi_seg_jax.data.augment import get_augmentation
     from vi_seg_jax.methods import MethodConfig
-    from vi_seg_jax.ops import ConvEngine, clear_tuning_memory, tuning_report
+    from vi_seg_jax.ops import ConvEngine, clear_tuning_memory, onednn, tuning_report
     from vi_seg_jax.parallel import batch_sharded, data_mesh, replicated
     from vi_seg_jax.train.state import ModelSpec, create_train_state
     from vi_seg_jax.train.step import make_train_step
@@ -444,6 +444,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             "step_times": [round(t, 3) for t in run["times"]],
             "loss_finite": bool(np.isfinite(run["loss"])),
             "jax": jax.__version__,
+            "onednn": onednn.version(),
         }
         if impl != first:
             ratios = [a / b for a, b in zip(runs[first]["times"], run["times"], strict=True)]

@@ -16,12 +16,14 @@ its parameter path through the guide's location and variance.
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
+from jax import lax
 
 from vi_seg_jax.bayes.guide import GuideParams, merge_params
 
@@ -67,7 +69,7 @@ def apply_lrt(
       deterministic: its non-Bayesian parameters.
       guide: q(w) over the Bayesian kernels.
       images: [B, *S, C].
-      key: noise for the pre-activations (one draw for all layers, split in path order).
+      key: noise for the pre-activations (one 128-bit seed per layer, in path order).
 
     Returns:
       The backbone's `(logits, aux)`.
@@ -75,43 +77,52 @@ def apply_lrt(
     locs = traverse_util.flatten_dict(guide.loc)
     variances = traverse_util.flatten_dict(jax.tree_util.tree_map(jnp.exp, guide.log_var))
     layers = sorted(path[:-1] for path in locs)
-    noise = _layer_noise(key, _conv_output_shapes(backbone, deterministic, guide, images, layers))
-    with _intercept_convs(locs, variances, noise):
+    seeds = jax.random.bits(key, (len(layers), 4), jnp.uint32)
+    with _intercept_convs(locs, variances, dict(zip(layers, seeds, strict=True))):
         return apply_backbone(backbone, deterministic, images, train=train, dropout_key=dropout_key)
 
 
-def _conv_output_shapes(backbone, deterministic, guide, images, layers):
-    """Output shape of each Bayesian convolution, found by abstract evaluation."""
-    shapes = {}
+def standard_normal(seed: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """Standard normal draws from a 128-bit `seed` (`uint32[4]`): XLA's own Threefry bit
+    generator, then the inverse CDF that `jax.random.normal` applies to its bits.
 
-    def record(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and tuple(context.module.path) in layers:
-            shapes[tuple(context.module.path)] = out.shape
-        return out
+    The LRT draws one ε per activation of every Bayesian conv (60 M per step of the paper
+    U-Net at 2 × 64³). `jax.random`'s Threefry, written in array ops, made that a quarter
+    of a CPU training step; XLA's generator is about 4× faster there, and drawn per layer
+    the transform fuses into the layer's `mean + std · ε`.
+    """
+    bits = _bit_generator(tuple(int(n) for n in shape))(seed)
+    # [0, 1) from the 23 mantissa bits, mapped to (-1, 1) as `jax.random.uniform` does.
+    unit = lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
+    low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    uniform = jnp.maximum(low, unit * (1.0 - low) + low)
+    return (np.float32(np.sqrt(2.0)) * lax.erf_inv(uniform)).astype(dtype)
 
-    def forward(params):
-        with nn.intercept_methods(record):
-            return apply_backbone(backbone, params, images, train=False)
 
-    jax.eval_shape(forward, merge_params(deterministic, guide.loc))
-    return shapes
+@functools.cache
+def _bit_generator(shape: tuple[int, ...]):
+    """`seed -> uint32 bits of shape` by XLA's Threefry, the same under `vmap` as alone.
 
+    `lax.rng_bit_generator`'s own batching rule draws the whole batch from the first seed,
+    so a particle's noise would depend on the particles beside it; here each seed draws its
+    own stream, one after the other (particles are few)."""
 
-def _layer_noise(key, shapes):
-    """ε for every layer from one `normal` call (one random-bits kernel compiles fast)."""
-    layers = sorted(shapes)
-    sizes = [math.prod(shapes[layer]) for layer in layers]
-    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-    noise, start = {}, 0
-    for layer, size in zip(layers, sizes, strict=True):
-        noise[layer] = flat[start : start + size].reshape(shapes[layer])
-        start += size
-    return noise
+    @jax.custom_batching.custom_vmap
+    def bits(seed):
+        return lax.rng_bit_generator(
+            seed, shape, jnp.uint32, algorithm=lax.RandomAlgorithm.RNG_THREE_FRY
+        )[1]
+
+    @bits.def_vmap
+    def _batched(axis_size, in_batched, seeds):
+        del axis_size
+        return (lax.map(bits, seeds), True) if in_batched[0] else (bits(seeds), False)
+
+    return bits
 
 
 @contextlib.contextmanager
-def _intercept_convs(locs, variances, noise):
+def _intercept_convs(locs, variances, seeds):
     inside = [False]  # the replacement convolutions must not be intercepted themselves
 
     def interceptor(next_fun, args, kwargs, context):
@@ -119,7 +130,7 @@ def _intercept_convs(locs, variances, noise):
         if inside[0] or context.method_name != "__call__" or not isinstance(module, nn.Conv):
             return next_fun(*args, **kwargs)
         path = tuple(module.path)
-        if path not in noise:
+        if path not in seeds:
             return next_fun(*args, **kwargs)
         (inputs,) = args
         mean_params = {"kernel": locs[(*path, "kernel")]}
@@ -133,7 +144,8 @@ def _intercept_convs(locs, variances, noise):
             )
         finally:
             inside[0] = False
-        return mean + jnp.sqrt(variance + LRT_EPSILON) * noise[path].astype(mean.dtype)
+        noise = standard_normal(seeds[path], mean.shape, mean.dtype)
+        return mean + jnp.sqrt(variance + LRT_EPSILON) * noise
 
     with nn.intercept_methods(interceptor):
         yield

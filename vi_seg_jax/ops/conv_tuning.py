@@ -9,7 +9,8 @@ skipped for convs too small to repay it (they use `rule_form`); a candidate whos
 memory exceeds a budget is not timed. Environment variables:
 
 - `VI_SEG_JAX_CONV_FORMULATION`: force one formulation for every "auto" conv (`"xla"`,
-  `"summed"`, `"stacked"`, `"gemm"`), or `"rule"` for the size rule without tuning;
+  `"summed"`, `"stacked"`, `"gemm"`, `"onednn"`), or `"rule"` for the size rule without
+  tuning;
 - `VI_SEG_JAX_CONV_TUNING_SECONDS`: the tuning budget per process (default 300; 0 never
   tunes, entries already recorded are still used);
 - `VI_SEG_JAX_CONV_MEMORY_MB`: the memory budget of one candidate (default: an eighth of
