@@ -121,6 +121,50 @@ def _bit_generator(shape: tuple[int, ...]):
     return bits
 
 
+# The two functions below change what the backward pass keeps, not what it computes: per
+# Bayesian conv, the input instead of its square, and one array instead of the noise and
+# the standard deviation (two fewer activation-sized arrays per layer; 128³ needs it).
+
+
+def _conv_of_square(conv, x, kernel):
+    """`conv(x², kernel)`, keeping `x` (not `x²`) for the backward pass."""
+
+    @jax.custom_vjp
+    def conv_of_square(x, kernel):
+        return conv(jnp.square(x), kernel)
+
+    def forward(x, kernel):
+        return conv_of_square(x, kernel), (x, kernel)
+
+    def backward(residuals, cotangent):
+        x, kernel = residuals
+        # Only the conv's gradients are used: XLA drops the recomputed forward conv.
+        _, vjp = jax.vjp(conv, jnp.square(x), kernel)
+        d_square, d_kernel = vjp(cotangent)
+        return 2 * x * d_square, d_kernel
+
+    conv_of_square.defvjp(forward, backward)
+    return conv_of_square(x, kernel)
+
+
+@jax.custom_vjp
+def _lrt_output(mean, variance, noise):
+    """`mean + sqrt(variance + ε) · noise` (the noise is not differentiated)."""
+    return mean + jnp.sqrt(variance + LRT_EPSILON) * noise
+
+
+def _lrt_output_forward(mean, variance, noise):
+    std = jnp.sqrt(variance + LRT_EPSILON)
+    return mean + std * noise, noise / (2 * std)  # d output / d variance
+
+
+def _lrt_output_backward(d_variance, cotangent):
+    return cotangent, cotangent * d_variance, None
+
+
+_lrt_output.defvjp(_lrt_output_forward, _lrt_output_backward)
+
+
 @contextlib.contextmanager
 def _intercept_convs(locs, variances, seeds):
     inside = [False]  # the replacement convolutions must not be intercepted themselves
@@ -139,13 +183,17 @@ def _intercept_convs(locs, variances, seeds):
         inside[0] = True
         try:
             mean = module.clone(parent=None).apply({"params": mean_params}, inputs)
-            variance = module.clone(parent=None, use_bias=False).apply(
-                {"params": {"kernel": variances[(*path, "kernel")]}}, jnp.square(inputs)
+            variance_conv = module.clone(parent=None, use_bias=False)
+            variance = _conv_of_square(
+                lambda squared, kernel: variance_conv.apply(
+                    {"params": {"kernel": kernel}}, squared
+                ),
+                inputs,
+                variances[(*path, "kernel")],
             )
         finally:
             inside[0] = False
-        noise = standard_normal(seeds[path], mean.shape, mean.dtype)
-        return mean + jnp.sqrt(variance + LRT_EPSILON) * noise
+        return _lrt_output(mean, variance, standard_normal(seeds[path], mean.shape, mean.dtype))
 
     with nn.intercept_methods(interceptor):
         yield
