@@ -349,14 +349,10 @@ def uncertainty_summary(
     return summary
 
 
-def write_ueo_curves_csv(
-    path: Path,
-    scores: list[CaseScores],
-    regions: tuple[str, ...],
-    thresholds: tuple[float, ...] = UEO_THRESHOLDS,
-) -> None:
-    """One row per case: `case_id`, then `<region>_ueo_<t>` for each threshold t."""
-    columns = [f"{r}_ueo_{t:g}" for r in regions for t in thresholds]
+def write_ueo_curves_csv(path: Path, scores: list[CaseScores], regions: tuple[str, ...]) -> None:
+    """One row per case: `case_id`, then `<region>_ueo_<t>` for each of `UEO_THRESHOLDS`
+    (the thresholds the curves were computed at)."""
+    columns = [f"{r}_ueo_{t:g}" for r in regions for t in UEO_THRESHOLDS]
     _write_case_rows(path, scores, columns, lambda s: [v for r in regions for v in s.ueo_curves[r]])
 
 
