@@ -10,10 +10,12 @@ beside XLA's.
 
 The library comes from the `onednn-cpu-gomp` wheel (a dependency on x86-64 Linux) or
 wherever `VI_SEG_JAX_ONEDNN_LIBRARY` points; it is called through its C API with `ctypes`
-from a `jax.pure_callback`, so nothing is compiled at install time. Where it is missing, off
-CPUs, or for other dtypes than float32, `available()` is false and the formulation is not a
-candidate. Activations and gradients keep the caller's channels-last layout; only the small
-kernel is reordered to oneDNN's blocked layout on each call.
+from an XLA custom call (`vi_seg_jax.ops.ffi_handler`) on XLA's own buffers, so nothing is
+compiled at install time and no operand is copied. Where it is missing, off CPUs, or for
+other dtypes than float32, `available()` is false and the formulation is not a candidate.
+Activations and gradients keep the caller's channels-last layout; only the small kernel is
+reordered to oneDNN's blocked layout on each call. `strided_conv` runs strided convs on
+oneDNN's strided kernels (all three pieces), which `ConvEngine` uses where oneDNN wins.
 """
 
 from __future__ import annotations
