@@ -78,9 +78,21 @@ def test_a_missing_library_is_unavailable(tmp_path):
         "import jax.numpy as jnp\n"
         "from vi_seg_jax.ops import onednn\n"
         "print(onednn.available(), onednn.version())\n"
+        "from vi_seg_jax.errors import DataError\n"
+        "from vi_seg_jax.ops.conv_tuning import check_settings\n"
+        "try:\n"
+        "    check_settings()\n"
+        "except DataError as error:\n"
+        "    print('refused:', error)\n"
         "onednn.forward(jnp.ones((1, 3, 3, 3, 1)), jnp.ones((1, 1, 1, 1, 1)), ((0, 0),) * 3, None, None)\n"
     )
-    env = {**os.environ, onednn.ENV_LIBRARY: str(tmp_path / "libdnnl.so.3")}
+    env = {
+        **os.environ,
+        onednn.ENV_LIBRARY: str(tmp_path / "libdnnl.so.3"),
+        "VI_SEG_JAX_CONV_FORMULATION": "onednn",
+    }
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.stdout.split() == ["False", "None"]
+    first, refused = done.stdout.splitlines()
+    assert first.split() == ["False", "None"]
+    assert "VI_SEG_JAX_CONV_FORMULATION" in refused and "oneDNN library" in refused
     assert "needs the oneDNN library" in done.stderr

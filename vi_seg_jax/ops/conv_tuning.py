@@ -197,6 +197,12 @@ def _forced_formulation() -> str:
         raise DataError(
             ENV_FORMULATION, f"expected one of {', '.join(FORWARD_FORMS)} or rule, got {forced!r}"
         )
+    if forced == "onednn" and not onednn.available():
+        raise DataError(
+            ENV_FORMULATION,
+            f"onednn needs the oneDNN library (onednn-cpu-gomp, or {onednn.ENV_LIBRARY}) "
+            "and the CPU backend",
+        )
     return forced
 
 

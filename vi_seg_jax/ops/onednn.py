@@ -179,13 +179,8 @@ def _primitive(library: _Library, desc: ctypes.c_void_p) -> ctypes.c_void_p:
 
 
 def _reorder(library: _Library, src, dst) -> ctypes.c_void_p:
-    desc = ctypes.c_void_p()
-    _check(
-        library.lib.dnnl_reorder_primitive_desc_create(
-            ctypes.byref(desc), src, library.engine, dst, library.engine, None
-        ),
-        "reorder",
-    )
+    create = library.lib.dnnl_reorder_primitive_desc_create
+    desc = _desc(create, "reorder", src, library.engine, dst, library.engine, None)
     return _primitive(library, desc)
 
 
