@@ -458,6 +458,18 @@ def test_instance_norm_matches_flax(shape):
     assert instance_norm(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 4, 3), (2, 4, 6, 2, 3)])
+def test_instance_norm_gradient_matches_flax(shape):
+    x = 3.0 + 2.0 * _input(shape)
+    cotangent = _input(shape, seed=1)
+    norm = nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False)
+    (expected,) = jax.vjp(lambda v: norm.apply({}, v), x)[1](cotangent)
+    (ours,) = jax.vjp(instance_norm, x)[1](cotangent)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    (batched,) = jax.vmap(lambda v, g: jax.vjp(instance_norm, v)[1](g))(x[None], cotangent[None])
+    np.testing.assert_allclose(batched[0], expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_bfloat16_compute_dtype(cls):
     # Strict dtype promotion (conftest): every cast must be explicit.

@@ -26,6 +26,7 @@ from flax import traverse_util
 from jax import lax
 
 from vi_seg_jax.bayes.guide import GuideParams, merge_params
+from vi_seg_jax.ops.materialize import materialize
 
 LRT_EPSILON = 1e-10
 
@@ -138,8 +139,11 @@ def _conv_of_square(conv, x, kernel):
 
     def backward(residuals, cotangent):
         x, kernel = residuals
+        # x² again from an opaque zero that waits for the cotangent: a plain `x²` would be
+        # merged with the forward one (kept alive until here) or hoisted to the forward pass.
+        zero = materialize(jnp.zeros((), x.dtype), after=cotangent)
         # Only the conv's gradients are used: XLA drops the recomputed forward conv.
-        _, vjp = jax.vjp(conv, jnp.square(x), kernel)
+        _, vjp = jax.vjp(conv, jnp.square(x + zero), kernel)
         d_square, d_kernel = vjp(cotangent)
         return 2 * x * d_square, d_kernel
 
@@ -155,7 +159,8 @@ def _lrt_output(mean, variance, noise):
 
 def _lrt_output_forward(mean, variance, noise):
     std = jnp.sqrt(variance + LRT_EPSILON)
-    return mean + std * noise, noise / (2 * std)  # d output / d variance
+    # d output / d variance is written out here, so the noise and std are not kept for it.
+    return materialize((mean + std * noise, noise / (2 * std)))
 
 
 def _lrt_output_backward(d_variance, cotangent):
@@ -193,7 +198,10 @@ def _intercept_convs(locs, variances, seeds):
             )
         finally:
             inside[0] = False
-        return _lrt_output(mean, variance, standard_normal(seeds[path], mean.shape, mean.dtype))
+        # The noise is drawn once the layer's input exists, not hoisted to the start of
+        # the step (where all layers' noise would be held at once).
+        seed = materialize(seeds[path], after=lax.stop_gradient(inputs))
+        return _lrt_output(mean, variance, standard_normal(seed, mean.shape, mean.dtype))
 
     with nn.intercept_methods(interceptor):
         yield
