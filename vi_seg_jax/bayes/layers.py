@@ -158,9 +158,12 @@ def _lrt_output(mean, variance, noise):
 
 
 def _lrt_output_forward(mean, variance, noise):
-    std = jnp.sqrt(variance + LRT_EPSILON)
-    # d output / d variance is written out here, so the noise and std are not kept for it.
-    return materialize((mean + std * noise, noise / (2 * std)))
+    variance = variance + LRT_EPSILON
+    # d output / d variance first, written out (it is what the backward pass keeps), and the
+    # output from it: sqrt(v) · noise = 2v · noise / (2 sqrt(v)). The noise then has one
+    # consumer, so XLA draws and transforms it in one pass.
+    d_variance = materialize(noise * (0.5 * lax.rsqrt(variance)))
+    return mean + 2 * variance * d_variance, d_variance
 
 
 def _lrt_output_backward(d_variance, cotangent):
