@@ -19,7 +19,7 @@ import pytest
 from jax import lax
 
 from vi_seg_jax.backbones import UNet
-from vi_seg_jax.ops import CONV_IMPLS, ConvChoice, ConvEngine
+from vi_seg_jax.ops import CONV_IMPLS, ConvChoice, ConvEngine, onednn
 from vi_seg_jax.ops.conv3d import conv_stride1
 from vi_seg_jax.ops.conv_tuning import rule_form
 
@@ -153,10 +153,15 @@ def test_bfloat16_close_to_lax(impl):
     )
 
 
-def test_rule_where_nothing_was_measured():
-    """The size rule: GEMMs for the large and the 2-tap (strided-rewrite) convs, stacked
-    taps for few input channels, 2D folds for the small levels; XLA's convs off CPUs."""
+def test_rule_where_nothing_was_measured(monkeypatch):
+    """oneDNN where it is available; else the size rule: GEMMs for the large and the 2-tap
+    (strided-rewrite) convs, stacked taps for few input channels, 2D folds for the small
+    levels; XLA's convs off CPUs."""
     same = ((1, 1),) * 3
+    with_onednn = rule_form((2, 8, 8, 8, 4), (3, 3, 3, 4, 8), same, "forward", "cpu")
+    assert with_onednn == ("onednn" if onednn.available() else "stacked")
+    assert rule_form((2, 2, 2, 2, 16), (3, 3, 3, 16, 16), same, "kernel_grad", "cpu") != "onednn"
+    monkeypatch.setattr(onednn, "available", lambda dtype=None: False)
     big, few, small = (2, 64, 64, 64, 16), (2, 64, 64, 64, 4), (2, 16, 16, 16, 64)
     assert rule_form(big, (3, 3, 3, 16, 16), same, "forward", "cpu") == "summed"
     assert rule_form(big, (3, 3, 3, 16, 16), same, "kernel_grad", "cpu") == "gemm"
