@@ -181,16 +181,21 @@ def instance_norm(x: jax.Array) -> jax.Array:
     Its backward pass keeps only the result and the per-channel scale: left to autodiff,
     XLA kept both the input and the centred input of every norm (at 128³, 2 × 128 MB each).
     """
-    return _instance_norm_forward(x)[0]
+    return _normalize(x)[0].astype(x.dtype)
 
 
-def _instance_norm_forward(x):
+def _normalize(x):
     axes = tuple(range(1, x.ndim - 1))
     xf = x.astype(jnp.float32)
     centred = xf - jnp.mean(xf, axis=axes, keepdims=True)
     scale = lax.rsqrt(jnp.mean(jnp.square(centred), axis=axes, keepdims=True) + NORM_EPSILON)
+    return centred * scale, scale
+
+
+def _instance_norm_forward(x):
+    normalized, scale = _normalize(x)
     # Written out here: otherwise XLA recomputes it in the backward pass from the input.
-    normalized = materialize(centred * scale)
+    normalized = materialize(normalized)
     return normalized.astype(x.dtype), (normalized, scale)
 
 
