@@ -90,7 +90,7 @@ def standard_normal(seed: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     The LRT draws one ε per activation of every Bayesian conv (60 M per step of the paper
     U-Net at 2 × 64³). `jax.random`'s Threefry, written in array ops, made that a quarter
     of a CPU training step; XLA's generator is about 4× faster there, and drawn per layer
-    the transform fuses into the layer's `mean + std · ε`.
+    the transform fuses into the one pass that uses the noise (`_lrt_output_forward`).
     """
     bits = _bit_generator(tuple(int(n) for n in shape))(seed)
     # [0, 1) from the 23 mantissa bits, mapped to (-1, 1) as `jax.random.uniform` does.
