@@ -17,6 +17,7 @@ from vi_seg_jax.backbones import get_backbone
 from vi_seg_jax.bayes.elbo import LikelihoodConfig, ObjectiveConfig
 from vi_seg_jax.bayes.guide import GuideConfig
 from vi_seg_jax.methods import MethodConfig
+from vi_seg_jax.ops import ConvEngine
 from vi_seg_jax.parallel import data_mesh, global_batch, process_rows, replicated
 from vi_seg_jax.predict import Predictor, TrainedModel
 from vi_seg_jax.train.build import build_spec
@@ -35,6 +36,7 @@ from vi_seg_jax.uncertainty import (
 )
 
 BATCH, STEPS = 8, 3
+BATCH_3D, PATCH_3D = 4, (8, 8, 8)
 
 
 def _spec():
@@ -44,17 +46,26 @@ def _spec():
     return ModelSpec(net, method, objective, OptimConfig(learning_rate=1e-2))
 
 
-def _batches():
+def _spec_3d():
+    """A 3D U-Net whose convolutions are oneDNN's custom calls (the CPU default)."""
+    net = get_backbone("unet", num_classes=2, features=(4, 8), conv=ConvEngine("onednn"))
+    objective = ObjectiveConfig(LikelihoodConfig(reduction="mean"), num_data=64.0)
+    method = MethodConfig(guide=GuideConfig(init_log_var=-6.0))
+    return ModelSpec(net, method, objective, OptimConfig(learning_rate=1e-2))
+
+
+def _batches(spatial=(16, 16), batch=BATCH):
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(STEPS, BATCH, 16, 16, 4)).astype(np.float32)
+    images = rng.normal(size=(STEPS, batch, *spatial, 4)).astype(np.float32)
     labels = (images[..., 0] > 0.5).astype(np.uint8)
     return images, labels
 
 
-def _train(spec, devices):
+def _train(spec, devices, batches=None):
     """Parameters after STEPS steps on `devices` devices (None: plain jit, one device)."""
-    images, labels = _batches()
-    mesh = None if devices is None else data_mesh(devices, batch_size=BATCH)
+    images, labels = _batches() if batches is None else batches
+    batch_size = images.shape[1]
+    mesh = None if devices is None else data_mesh(devices, batch_size=batch_size)
     sharding = None if mesh is None else replicated(mesh)
     state = create_train_state(jax.random.key(0), spec, images[0], sharding)
     step = make_train_step(spec, mesh)
@@ -62,8 +73,8 @@ def _train(spec, devices):
     for s in range(STEPS):
         batch = (images[s], labels[s])
         if mesh is not None:
-            rows = process_rows(mesh, BATCH)
-            batch = global_batch(mesh, (images[s][rows], labels[s][rows]), BATCH)
+            rows = process_rows(mesh, batch_size)
+            batch = global_batch(mesh, (images[s][rows], labels[s][rows]), batch_size)
             facts["batch_devices"] = len(batch[0].sharding.device_set)
             facts["state_devices"] = len(
                 jax.tree_util.tree_leaves(state.params)[0].sharding.device_set
@@ -71,8 +82,22 @@ def _train(spec, devices):
             if s == 0:
                 hlo = step.lower(state, batch).compile().as_text()
                 facts["all_reduce"] = "all-reduce" in hlo
+                # Activations are never gathered: every op, custom calls and the noise's
+                # generator included, works on the device's own rows.
+                facts["all_gather"] = "all-gather" in hlo
+                facts["whole_batch_shapes"] = _ops_on_whole_batch(hlo, images.shape[1:-1])
         state, _ = step(state, batch)
     return state, facts
+
+
+def _ops_on_whole_batch(hlo: str, patch_shape) -> list[str]:
+    """Custom calls and random bit generators of `hlo` whose result holds the whole batch."""
+    whole = f"[{BATCH_3D if len(patch_shape) == 3 else BATCH},{','.join(map(str, patch_shape))},"
+    return [
+        line.strip()[:120]
+        for line in hlo.splitlines()
+        if ("custom-call(" in line or "-> (u64[2], u32[" in line) and whole in line
+    ]
 
 
 def _max_difference(a, b):
@@ -152,6 +177,16 @@ def main():
         single.guide.loc, create_train_state(jax.random.key(0), spec, _batches()[0][0]).guide.loc
     )
     report["train_param_change"] = moved
+
+    spec_3d, batches_3d = _spec_3d(), _batches(PATCH_3D, BATCH_3D)
+    single_3d, _ = _train(spec_3d, None, batches_3d)
+    for devices in (2, 4):  # 2 and 1 rows per device
+        state, facts = _train(spec_3d, devices, batches_3d)
+        trained = (state.params, state.guide, state.opt_state)
+        difference = _max_difference(
+            (single_3d.params, single_3d.guide, single_3d.opt_state), trained
+        )
+        report[f"train_3d_{devices}"] = {"max_difference": difference, **facts}
 
     for num_samples, chunk_size in ((10, 2), (3, 1)):
         base_scan, base_step = _prediction(spec, single, None, num_samples, chunk_size)

@@ -38,13 +38,18 @@ def report():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("devices", [2, 8])
-def test_sharded_training_reaches_the_single_device_parameters(report, devices):
-    run = report[f"train_{devices}"]
+@pytest.mark.parametrize(
+    "run_name, devices", [("train", 2), ("train", 8), ("train_3d", 2), ("train_3d", 4)]
+)
+def test_sharded_training_reaches_the_single_device_parameters(report, run_name, devices):
+    run = report[f"{run_name}_{devices}"]
     assert report["device_count"] == 8
-    # Really data-parallel: the batch is split, the state replicated, gradients all-reduced.
+    # Really data-parallel: the batch is split, the state replicated, gradients all-reduced,
+    # and no device computes (or gathers) the whole batch's activations.
     assert run["batch_devices"] == devices and run["state_devices"] == devices
     assert run["all_reduce"]
+    assert not run["all_gather"]
+    assert run["whole_batch_shapes"] == []
     assert run["max_difference"] < TOLERANCE
     assert report["train_param_change"] > 1000 * TOLERANCE  # the steps did move the weights
 

@@ -2,6 +2,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import scipy.stats
 
 from tests.bayes.tiny import TinyNet, tiny_batch
@@ -15,7 +16,15 @@ from vi_seg_jax.bayes.guide import (
     sample_kernels,
     split_params,
 )
-from vi_seg_jax.bayes.layers import apply_backbone, apply_lrt, apply_sampled, standard_normal
+from vi_seg_jax.bayes.layers import (
+    _rows_of_draw,
+    _three_fry,
+    apply_backbone,
+    apply_lrt,
+    apply_sampled,
+    standard_normal,
+)
+from vi_seg_jax.ops.partitioning import Rows
 
 NUM_DRAWS = 3000
 
@@ -125,6 +134,28 @@ def test_standard_normal_under_vmap_equals_one_seed_at_a_time():
     batched = jax.vmap(lambda s: standard_normal(s, (4, 6)))(seeds)
     for i in range(3):
         np.testing.assert_array_equal(batched[i], standard_normal(seeds[i], (4, 6)))
+
+
+@pytest.mark.parametrize(
+    "shape, start, count",
+    [
+        ((8, 3, 5, 2), 4, 4),  # even shares: whole pairs of rows
+        ((8, 3, 5, 2), 2, 2),
+        ((4, 7, 3), 1, 1),  # one row per device: half a pair, at either end
+        ((4, 7, 3), 2, 1),
+        ((6, 5, 3), 3, 3),  # odd shares of an even batch
+        ((3, 4, 2), 1, 1),  # an odd batch, split along another axis by XLA
+    ],
+)
+def test_rows_of_a_draw_are_the_rows_of_the_whole_draw(shape, start, count):
+    """What a device draws for its rows over a mesh is that slice of one device's draw."""
+    rows = Rows(jnp.asarray(start), count, shape[0])
+    # The counter's low word about to wrap: the carry into the high word is exercised.
+    for seed in ([1, 2, 3, 4], [7, 8, 0xFFFFFFFF - 20, 5]):
+        seed = jnp.asarray(seed, jnp.uint32)
+        whole = np.asarray(_three_fry(seed, shape))
+        part = jax.jit(lambda seed, rows=rows: _rows_of_draw(seed, shape, rows))(seed)
+        np.testing.assert_array_equal(part, whole[start : start + count])
 
 
 def test_lrt_backward_pass_keeps_about_three_arrays_per_layer():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,7 @@ from jax import lax
 
 from vi_seg_jax.bayes.guide import GuideParams, merge_params
 from vi_seg_jax.ops.materialize import materialize
+from vi_seg_jax.ops.partitioning import Rows, rowwise
 
 LRT_EPSILON = 1e-10
 
@@ -102,24 +104,54 @@ def standard_normal(seed: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
 
 @functools.cache
 def _bit_generator(shape: tuple[int, ...]):
-    """`seed -> uint32 bits of shape` by XLA's Threefry, the same under `vmap` as alone.
+    """`seed -> uint32 bits of shape` by XLA's Threefry, the same under `vmap` as alone and
+    drawn by each device for its own rows of the batch (the leading axis) over a mesh.
 
     `lax.rng_bit_generator`'s own batching rule draws the whole batch from the first seed,
     so a particle's noise would depend on the particles beside it; here each seed draws its
     own stream, one after the other (particles are few)."""
 
-    @jax.custom_batching.custom_vmap
-    def bits(seed):
-        return lax.rng_bit_generator(
-            seed, shape, jnp.uint32, algorithm=lax.RandomAlgorithm.RNG_THREE_FRY
-        )[1]
+    def draw(seed, *, rows: Rows | None):
+        return _three_fry(seed, shape) if rows is None else _rows_of_draw(seed, shape, rows)
 
-    @bits.def_vmap
-    def _batched(axis_size, in_batched, seeds):
-        del axis_size
-        return (lax.map(bits, seeds), True) if in_batched[0] else (bits(seeds), False)
+    return rowwise(draw, (False,))
 
-    return bits
+
+def _three_fry(seed, shape):
+    return lax.rng_bit_generator(
+        seed, shape, jnp.uint32, algorithm=lax.RandomAlgorithm.RNG_THREE_FRY
+    )[1]
+
+
+def _rows_of_draw(seed, shape, rows: Rows):
+    """Rows `rows` of `_three_fry(seed, shape)`, drawing (about) only those.
+
+    XLA's Threefry gives two words per counter and lays them out along the first even
+    dimension: rows 2j and 2j + 1 of an even batch are the two words of counters
+    `j * row_size + i`. A device draws its pairs of rows from the counter of its first pair
+    (one extra row where its share starts or ends inside a pair). An odd batch splits
+    elsewhere: there each device draws it all and keeps its rows.
+    """
+    if rows.total % 2:
+        return lax.dynamic_slice_in_dim(_three_fry(seed, shape), rows.start, rows.count)
+    first_pair = rows.start // 2
+    drawn = rows.count + rows.count % 2
+    seed = _advance_counter(seed, first_pair, math.prod(shape[1:]))
+    bits = _three_fry(seed, (drawn, *shape[1:]))
+    return lax.dynamic_slice_in_dim(bits, rows.start - 2 * first_pair, rows.count)
+
+
+def _advance_counter(seed, steps, step_size: int):
+    """`seed` (`uint32[4]`: key, then the 64-bit counter low word first) with its counter
+    moved on by `steps * step_size` (`steps` < 2**16, `step_size` < 2**32)."""
+    steps = steps.astype(jnp.uint32)
+    low_part = steps * np.uint32(step_size & 0xFFFF)
+    high_part = steps * np.uint32(step_size >> 16)  # times 2**16
+    add_low = low_part + (high_part << 16)
+    add_high = (high_part >> 16) + (add_low < low_part).astype(jnp.uint32)
+    low = seed[2] + add_low
+    high = seed[3] + add_high + (low < seed[2]).astype(jnp.uint32)
+    return seed.at[2].set(low).at[3].set(high)
 
 
 # The two functions below change what the backward pass keeps, not what it computes: per

@@ -17,7 +17,7 @@ import functools
 import jax
 from jax import lax
 
-from vi_seg_jax.ops import ffi_handler
+from vi_seg_jax.ops import ffi_handler, partitioning
 
 
 def materialize(tree, *, after=None):
@@ -43,14 +43,22 @@ def materialize(tree, *, after=None):
 
 
 def _opaque_identity(count: int, *operands):
-    """The first `count` operands, aliased (XLA copies one that is still used elsewhere)."""
-    call = jax.ffi.ffi_call(
-        _identity_target(),
-        tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[:count]),
-        input_output_aliases={i: i for i in range(count)},
-        vmap_method="broadcast_all",
-    )
-    return call(*operands)
+    """The first `count` operands, aliased (XLA copies one that is still used elsewhere);
+    over a device mesh each device passes its own shards through."""
+    return _partitioned_identity(count)(*operands)
+
+
+@functools.cache
+def _partitioned_identity(count: int):
+    def local(*operands):
+        call = jax.ffi.ffi_call(
+            _identity_target(),
+            tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[:count]),
+            input_output_aliases={i: i for i in range(count)},
+        )
+        return call(*operands)
+
+    return partitioning.elementwise(local, count)
 
 
 @functools.cache

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vi_seg_jax.ops import ffi_handler
+from vi_seg_jax.ops import ffi_handler, partitioning
 
 ENV_LIBRARY = "VI_SEG_JAX_ONEDNN_LIBRARY"
 
@@ -303,14 +303,32 @@ def _out_spatial(x_shape, w_shape, strides, pads) -> tuple[int, ...]:
     )
 
 
-def _piece(piece: str, a, b, out_shape, x_shape, w_shape, strides, pads):
-    """One piece as an XLA custom call on float32 operands `a`, `b`."""
-    call = jax.ffi.ffi_call(
-        _target(piece, x_shape, w_shape, strides, pads),
-        jax.ShapeDtypeStruct(out_shape, jnp.float32),
-        vmap_method="sequential",
-    )
-    return call(a.astype(jnp.float32), b.astype(jnp.float32))
+def _piece(piece: str, a, b, x_shape, w_shape, strides, pads):
+    """One piece as an XLA custom call on float32 operands `a`, `b`; over a device mesh each
+    device runs it on its rows of the batch (`ops.partitioning`)."""
+    op = _partitioned_piece(piece, x_shape[1:], w_shape, strides, pads)
+    return op(a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+@functools.cache
+def _partitioned_piece(piece: str, x_sample_shape, w_shape, strides, pads):
+    def local(a, b, *, rows):
+        del rows  # the rows are independent; the batch size is the operands'
+        x_shape = (int(a.shape[0]), *x_sample_shape)
+        out_shape = {
+            "forward": (x_shape[0], *_out_spatial(x_shape, w_shape, strides, pads), w_shape[-1]),
+            "input_grad": x_shape,
+            "kernel_grad": w_shape,
+        }[piece]
+        call = jax.ffi.ffi_call(
+            _target(piece, x_shape, w_shape, strides, pads),
+            jax.ShapeDtypeStruct(out_shape, jnp.float32),
+        )
+        return call(a, b)
+
+    if piece == "kernel_grad":  # (x, dy): the rows' contributions add up
+        return partitioning.rowwise(local, (True, True), summed=True)
+    return partitioning.rowwise(local, (True, False))  # (x or dy, w)
 
 
 def _static(x, w, strides, pads):
@@ -326,8 +344,7 @@ def forward(x, w, pads, precision, preferred_element_type):
     del precision  # oneDNN computes float32 convs in float32
     _require(x.dtype)
     static = _static(x, w, (1, 1, 1), pads)
-    out = (x.shape[0], *_out_spatial(*static), w.shape[-1])
-    return _piece("forward", x, w, out, *static).astype(preferred_element_type or x.dtype)
+    return _piece("forward", x, w, *static).astype(preferred_element_type or x.dtype)
 
 
 def kernel_grad(x, dy, kshape, pads, precision):
@@ -335,7 +352,7 @@ def kernel_grad(x, dy, kshape, pads, precision):
     del precision
     _require(x.dtype)
     static = _static(x, jax.ShapeDtypeStruct(kshape, x.dtype), (1, 1, 1), pads)
-    return _piece("kernel_grad", x, dy, static[1], *static).astype(x.dtype)
+    return _piece("kernel_grad", x, dy, *static).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -343,9 +360,7 @@ def strided_conv(x, w, strides, pads):
     """A channels-last 3D conv with strides, all three pieces by oneDNN's strided kernels
     (the rewrite to a stride-1 conv that XLA's formulations need does 2.4x the FLOPs)."""
     _require(x.dtype)
-    static = _static(x, w, strides, pads)
-    out = (x.shape[0], *_out_spatial(*static), w.shape[-1])
-    return _piece("forward", x, w, out, *static).astype(x.dtype)
+    return _piece("forward", x, w, *_static(x, w, strides, pads)).astype(x.dtype)
 
 
 def _strided_fwd(x, w, strides, pads):
@@ -355,8 +370,8 @@ def _strided_fwd(x, w, strides, pads):
 def _strided_bwd(strides, pads, residuals, dy):
     x, w = residuals
     static = _static(x, w, strides, pads)
-    dx = _piece("input_grad", dy, w, x.shape, *static)
-    dw = _piece("kernel_grad", x, dy, w.shape, *static)
+    dx = _piece("input_grad", dy, w, *static)
+    dw = _piece("kernel_grad", x, dy, *static)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
