@@ -6,9 +6,11 @@ are a few million weights; replicas fit any accelerator, so nothing is sharded b
 Monte Carlo prediction spreads the posterior samples along the same axis.
 
 Randomness does not depend on the device count: keys are split inside one global-view
-`jit`, and with JAX's partitionable threefry (`jax_threefry_partitionable`, on by default)
-each device draws exactly its slice of the noise a single device would draw for the whole
-batch, a per-device stream indexed by global position. Batch b is one draw of patches
+`jit`, and each device draws exactly its slice of the noise a single device would draw for
+the whole batch: JAX's partitionable threefry (`jax_threefry_partitionable`, on by default)
+for `jax.random`, and for the LRT's noise XLA's generator started at the device's first row
+(`ops.partitioning`, which also runs the CPU's custom calls on each device's rows, so no
+device computes the whole batch). Batch b is one draw of patches
 whose rows are assigned to processes by the mesh; each process reads only its rows'
 patches from the memory-mapped cache. So 1, 2 or 8 devices, in one process or several,
 train the same model up to the order of floating-point reductions (tested).

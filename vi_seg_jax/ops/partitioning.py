@@ -19,6 +19,7 @@ arrays as they are.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -65,13 +66,16 @@ def rowwise(
       `op(*operands)`, equal to `local(*operands, rows=None)`.
     """
     operand_rows = tuple(operand_rows)
+    if summed and not any(operand_rows):
+        raise ValueError("a summed rowwise op needs an operand with the batch axis")
 
     @custom_partitioning
     def op(*operands):
         return local(*operands, rows=None)
 
     def partition(mesh, operand_shapes, result_shape):
-        total = _batch_size(operand_shapes, operand_rows, result_shape, summed)
+        with_rows = [s for s, rows in zip(operand_shapes, operand_rows, strict=True) if rows]
+        total = int((with_rows or [result_shape])[0].shape[0])
         axes = _batch_axes(mesh, operand_shapes, operand_rows, result_shape, summed, total)
         row_spec, whole = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
         operand_shardings = tuple(row_spec if rows else whole for rows in operand_rows)
@@ -129,15 +133,6 @@ def elementwise(local: Callable[..., tuple], outputs: int) -> Callable[..., tupl
     return batched_op
 
 
-def _batch_size(operands, operand_rows, result, summed) -> int:
-    for operand, rows in zip(operands, operand_rows, strict=True):
-        if rows:
-            return int(operand.shape[0])
-    if summed:
-        raise ValueError("a rowwise op needs an operand or a result with the batch axis")
-    return int(result.shape[0])
-
-
 def _batch_axes(mesh, operand_shapes, operand_rows, result_shape, summed, total):
     """The mesh axes the batch axis is split along (None: not split, or not evenly)."""
     candidates = [s for s, rows in zip(operand_shapes, operand_rows, strict=True) if rows]
@@ -158,7 +153,7 @@ def _axes_size(mesh, axes) -> int:
 
 def _rowwise_rule(operand_types, operand_rows, result_types, summed):
     """Shardy's rule: the batch factor may be split, every other dimension stays whole."""
-    factors = iter(f"f{i:03d}" for i in range(10_000))
+    factors = (f"f{i}" for i in itertools.count())
     whole: list[str] = []
 
     def dims(rank: int, rows: bool) -> str:
