@@ -11,7 +11,8 @@ Prints one JSON line per backbone and `--conv-impl` value: `seconds_per_step` (m
 peak resident memory of that formulation's first two steps alone: Linux `clear_refs` resets
 the peak before them; `peak_rss_basis` says when it could not), `flops_per_step` (XLA's
 `compiled.cost_analysis()` of the whole step, summed over devices; it counts the rewrites'
-extra work), `conv_flops_per_step` (the convolutions' nominal FLOPs counted from the step's
+extra work; the nominal FLOPs of oneDNN's convolutions are added, since XLA cannot see into
+its custom calls), `conv_flops_per_step` (the convolutions' nominal FLOPs counted from the step's
 jaxpr with plain `lax` convs: forward, input and weight gradients, the framework-neutral
 measure), `fraction_of_peak` / `conv_fraction_of_peak` against the nominal peak (cores ×
 clock × vector width), `fraction_of_attainable_peak` / `conv_fraction_of_attainable_peak`
@@ -230,8 +231,37 @@ def conv_flops(jaxpr) -> float:
             k_in = rhs.shape[dn.rhs_spec[1]]
             # out elements × window × input features per group (rhs in-features already are).
             total += 2.0 * np.prod(out.shape) * k_spatial * k_in
+        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += conv_flops(sub)
+            total += repeats * conv_flops(sub)
+    return total
+
+
+def opaque_conv_flops(jaxpr) -> float:
+    """Nominal FLOPs of the convolutions a closed jaxpr runs as oneDNN custom calls, which
+    XLA's cost analysis counts as zero.
+
+    Every piece does `2 × |y| × kernel window × C_in` (y: the conv's output, or its
+    cotangent for the two gradients).
+    """
+    import jax.extend
+    import numpy as np
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        target = eqn.params.get("target_name", "") if eqn.primitive.name == "ffi_call" else ""
+        if target.startswith("vi_seg_jax_onednn_"):
+            shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
+            if "kernel_grad" in target:  # (x, dy) -> dw
+                y, kernel = shapes[1], shapes[2]
+            elif "input_grad" in target:  # (dy, w) -> dx
+                y, kernel = shapes[0], shapes[1]
+            else:  # (x, w) -> y
+                y, kernel = shapes[2], shapes[1]
+            total += 2.0 * np.prod(y) * np.prod(kernel[:-1])
+        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += repeats * opaque_conv_flops(sub)
     return total
 
 
@@ -353,6 +383,9 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
         compile_seconds = time.perf_counter() - t0
         tuning = tuning_report()
         flops = _xla_flops(compiled, args.devices)
+        if flops is not None:  # plus what XLA cannot see into
+            step_jaxpr = jax.make_jaxpr(make_train_step(with_conv(impl), mesh))(state0, batch)
+            flops += opaque_conv_flops(step_jaxpr.jaxpr)
         state = jax.tree.map(jnp.copy, state0)
         rss_reset = _reset_peak_rss()
         t0 = time.perf_counter()
@@ -395,7 +428,7 @@ def bench_backbone(name: str, args: argparse.Namespace, peak: dict[str, Any]) ->
             "peak_rss_mb": run["peak_rss_mb"],
             "peak_rss_basis": run["peak_rss_basis"],
             "flops_per_step": flops,
-            "flops_source": "xla cost_analysis"
+            "flops_source": "xla cost_analysis + oneDNN convs (nominal)"
             if run["flops"] is not None
             else "analytic conv FLOPs",
             "conv_flops_per_step": nominal,
