@@ -187,6 +187,12 @@ def main():
             (single_3d.params, single_3d.guide, single_3d.opt_state), trained
         )
         report[f"train_3d_{devices}"] = {"max_difference": difference, **facts}
+    # Per-member kernels: the convolutions map over the members, each split by rows.
+    ensemble = dataclasses.replace(spec_3d, method=MethodConfig(method="ensemble", ensemble_size=2))
+    single_ensemble, _ = _train(ensemble, None, batches_3d)
+    state, facts = _train(ensemble, 2, batches_3d)
+    difference = _max_difference(single_ensemble.params, state.params)
+    report["train_3d_ensemble_2"] = {"max_difference": difference, **facts}
 
     for num_samples, chunk_size in ((10, 2), (3, 1)):
         base_scan, base_step = _prediction(spec, single, None, num_samples, chunk_size)

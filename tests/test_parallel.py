@@ -39,7 +39,8 @@ def report():
 
 
 @pytest.mark.parametrize(
-    "run_name, devices", [("train", 2), ("train", 8), ("train_3d", 2), ("train_3d", 4)]
+    "run_name, devices",
+    [("train", 2), ("train", 8), ("train_3d", 2), ("train_3d", 4), ("train_3d_ensemble", 2)],
 )
 def test_sharded_training_reaches_the_single_device_parameters(report, run_name, devices):
     run = report[f"{run_name}_{devices}"]
