@@ -65,6 +65,35 @@ def test_vmap_over_per_sample_kernels():
     np.testing.assert_allclose(y, ref, atol=1e-5 * float(jnp.max(jnp.abs(ref))), rtol=1e-5)
 
 
+def test_a_call_on_another_thread_than_the_one_that_planned_it():
+    """XLA runs custom calls on its own threads. oneDNN's own scratchpad belongs to the
+    thread that created the primitive, so a kernel that needs one (the gemm-based kernel
+    gradient on a 2³ grid) crashed elsewhere; the scratchpad is now passed in. In a
+    subprocess, so that a crash fails this test only."""
+    code = """
+import threading
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from vi_seg_jax.ops import onednn
+pads = ((1, 1),) * 3
+x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 2, 2, 8)), jnp.float32)
+dy = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, 2, 2, 8)), jnp.float32)
+grad = jax.jit(lambda x, dy: onednn.kernel_grad(x, dy, (3, 3, 3, 8, 8), pads, None))
+grad(x, dy).block_until_ready()  # the primitive is made on this thread
+results = []
+worker = threading.Thread(target=lambda: results.append(grad(x, dy)))
+worker.start()
+worker.join()
+dn = ("NDHWC", "DHWIO", "NDHWC")
+conv = lambda w: lax.conv_general_dilated(x, w, (1,) * 3, pads, None, None, dn)
+_, vjp = jax.vjp(conv, jnp.zeros((3, 3, 3, 8, 8)))
+print(float(jnp.max(jnp.abs(results[0] - vjp(dy)[0]))))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert float(done.stdout.split()[-1]) < 1e-4
+
+
 def test_other_dtypes_are_refused_with_the_reason():
     x = jnp.ones((1, 4, 4, 4, 2), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"'onednn' needs .* float32; got bfloat16"):

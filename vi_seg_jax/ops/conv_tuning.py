@@ -58,9 +58,6 @@ ENV_MEMORY = "VI_SEG_JAX_CONV_MEMORY_MB"
 DEFAULT_BUDGET_SECONDS = 300.0
 # Convs below this many FLOPs per piece use the rule: timing them costs more than it saves.
 MIN_TUNED_FLOPS = 1e9
-# oneDNN 3.2 crashed in a training step on 2³ grids (3³ kernels): smaller grids use the
-# size rule.
-ONEDNN_MIN_SIDE = 8
 # 2: oneDNN's convolutions are candidates (entries measured without them are stale).
 TUNING_FORMAT = 2
 # Slab-wise kernel gradients with more slabs than this are not candidates: compile time grows
@@ -89,7 +86,7 @@ def rule_form(x_shape, w_shape, pads, piece: str, backend: str, dtype="float32")
     float32 for every layout, so low-precision kernel gradients keep XLA's conv there."""
     if backend != "cpu" or (piece == "kernel_grad" and jnp.finfo(dtype).bits < 32):
         return "xla"
-    if onednn.available(dtype) and min(x_shape[1:4]) >= ONEDNN_MIN_SIDE:
+    if onednn.available(dtype):
         return "onednn"
     stacked = w_shape[0] * w_shape[-2] <= STACK_MAX_CHANNELS
     if math.prod(_out_shape(x_shape, w_shape, pads)) >= GEMM_MIN_VOXELS or max(w_shape[:3]) == 2:

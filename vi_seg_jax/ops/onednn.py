@@ -46,6 +46,9 @@ _FORWARD_TRAINING = 64
 _CONVOLUTION_DIRECT = 1
 _QUERY_WEIGHTS_MD = 131
 _QUERY_DIFF_WEIGHTS_MD = 132
+_QUERY_SCRATCHPAD_MD = 136
+_SCRATCHPAD_MODE_USER = 1
+_ARG_SCRATCHPAD = 80
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
 _ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
 _MAX_DIMS = 12
@@ -78,6 +81,16 @@ class _Library:
         lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
         self.engine = ctypes.c_void_p()
         _check(lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU_ENGINE, 0), "engine")
+        # Every primitive gets its scratch memory from the caller. The library's own
+        # scratchpad is per thread and bound to the thread that created the primitive, and
+        # XLA runs the calls on its own threads: those with a scratchpad (gemm-based kernels
+        # for small grids) crashed there.
+        self.attr = ctypes.c_void_p()
+        _check(lib.dnnl_primitive_attr_create(ctypes.byref(self.attr)), "attributes")
+        _check(
+            lib.dnnl_primitive_attr_set_scratchpad_mode(self.attr, _SCRATCHPAD_MODE_USER),
+            "scratchpad mode",
+        )
         self._local = threading.local()
         # XLA runs independent ops on several threads; two oneDNN calls at once would run
         # two OpenMP teams on the same cores, each spinning while it waits for the other
@@ -178,10 +191,22 @@ def _primitive(library: _Library, desc: ctypes.c_void_p) -> ctypes.c_void_p:
     return prim
 
 
-def _reorder(library: _Library, src, dst) -> ctypes.c_void_p:
+def _reorder(library: _Library, src, dst) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
     create = library.lib.dnnl_reorder_primitive_desc_create
-    desc = _desc(create, "reorder", src, library.engine, dst, library.engine, None)
-    return _primitive(library, desc)
+    desc = _desc(create, "reorder", src, library.engine, dst, library.engine, library.attr)
+    return _primitive(library, desc), desc
+
+
+def _scratchpad(library: _Library, desc: ctypes.c_void_p) -> tuple[ctypes.c_void_p, int]:
+    """The scratch memory a primitive needs: its descriptor and size in bytes (maybe 0)."""
+    md = ctypes.c_void_p(library.lib.dnnl_primitive_desc_query_md(desc, _QUERY_SCRATCHPAD_MD, 0))
+    return md, (library.lib.dnnl_memory_desc_get_size(md) if md else 0)
+
+
+def _aligned_buffer(nbytes: int, alignment: int = 64) -> tuple[np.ndarray, int]:
+    """A buffer of `nbytes` and the address of its aligned start (keep the array alive)."""
+    raw = np.empty(nbytes + alignment, np.uint8)
+    return raw, raw.ctypes.data + (-raw.ctypes.data) % alignment
 
 
 class _Plan:
@@ -205,37 +230,46 @@ class _Plan:
         forward = _desc(
             lib.dnnl_convolution_forward_primitive_desc_create, what, library.engine,
             _FORWARD_TRAINING, _CONVOLUTION_DIRECT, self.x_md, w_any, None, self.y_md,
-            *geometry, None,
+            *geometry, library.attr,
         )  # fmt: skip
         if piece == "forward":
             self.desc, query = forward, _QUERY_WEIGHTS_MD
         elif piece == "input_grad":
             self.desc, query = _desc(
                 lib.dnnl_convolution_backward_data_primitive_desc_create, what, library.engine,
-                _CONVOLUTION_DIRECT, self.x_md, w_any, self.y_md, *geometry, forward, None,
+                _CONVOLUTION_DIRECT, self.x_md, w_any, self.y_md, *geometry, forward,
+                library.attr,
             ), _QUERY_WEIGHTS_MD  # fmt: skip
         else:
             self.desc, query = _desc(
                 lib.dnnl_convolution_backward_weights_primitive_desc_create, what,
                 library.engine, _CONVOLUTION_DIRECT, self.x_md, w_any, None, self.y_md,
-                *geometry, forward, None,
+                *geometry, forward, library.attr,
             ), _QUERY_DIFF_WEIGHTS_MD  # fmt: skip
         self.w_md = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(self.desc, query, 0))
         if piece == "kernel_grad":
-            self.reorder = _reorder(library, self.w_md, self.w_user_md)
+            self.reorder, reorder_desc = _reorder(library, self.w_md, self.w_user_md)
         else:
-            self.reorder = _reorder(library, self.w_user_md, self.w_md)
-        self.w_bytes = lib.dnnl_memory_desc_get_size(self.w_md)
+            self.reorder, reorder_desc = _reorder(library, self.w_user_md, self.w_md)
         self.conv = _primitive(library, self.desc)
+        self.scratchpads = {
+            self.conv.value: _scratchpad(library, self.desc),
+            self.reorder.value: _scratchpad(library, reorder_desc),
+        }
+        # One buffer: the kernel in oneDNN's layout, then the larger scratchpad (the two
+        # primitives run one after the other), each 64-byte aligned.
+        self.w_bytes = -(-lib.dnnl_memory_desc_get_size(self.w_md) // 64) * 64
+        self.buffer_bytes = self.w_bytes + max(size for _, size in self.scratchpads.values())
 
     def run(self, inputs: list[int], output: int) -> None:
         """Executes the piece on raw buffers in the caller's layouts."""
-        blocked = np.empty(self.w_bytes // 4 + 1, np.float32)
-        scratch = blocked.ctypes.data
+        buffer, start = _aligned_buffer(self.buffer_bytes)
         with self.library.lock:
-            self._run(inputs, output, scratch)
+            self._run(inputs, output, start, start + self.w_bytes)
+        del buffer  # alive until here
 
-    def _run(self, inputs: list[int], output: int, scratch: int) -> None:
+    def _run(self, inputs: list[int], output: int, scratch: int, scratchpad: int) -> None:
+        conv, reorder = self.conv, self.reorder
         if self.piece == "kernel_grad":
             x, dy = inputs
             args = [
@@ -243,22 +277,25 @@ class _Plan:
                 (_ARG_DIFF_DST, self.y_md, dy),
                 (_ARG_DIFF_WEIGHTS, self.w_md, scratch),
             ]
-            self._execute(self.conv, args)
-            self._execute(
-                self.reorder, [(_ARG_SRC, self.w_md, scratch), (_ARG_DST, self.w_user_md, output)]
-            )
+            self._execute(conv, args, scratchpad)
+            to_user = [(_ARG_SRC, self.w_md, scratch), (_ARG_DST, self.w_user_md, output)]
+            self._execute(reorder, to_user, scratchpad)
             return
         data, w = inputs
-        self._execute(self.reorder, [(_ARG_SRC, self.w_user_md, w), (_ARG_DST, self.w_md, scratch)])
+        to_blocked = [(_ARG_SRC, self.w_user_md, w), (_ARG_DST, self.w_md, scratch)]
+        self._execute(reorder, to_blocked, scratchpad)
         if self.piece == "forward":
             args = [(_ARG_SRC, self.x_md, data), (_ARG_DST, self.y_md, output)]
         else:
             args = [(_ARG_DIFF_DST, self.y_md, data), (_ARG_DIFF_SRC, self.x_md, output)]
-        self._execute(self.conv, [*args, (_ARG_WEIGHTS, self.w_md, scratch)])
+        self._execute(conv, [*args, (_ARG_WEIGHTS, self.w_md, scratch)], scratchpad)
 
-    def _execute(self, prim, args) -> None:
+    def _execute(self, prim, args, scratchpad: int) -> None:
         library = self.library
         lib, stream = library.lib, library.stream()
+        scratchpad_md, scratchpad_bytes = self.scratchpads[prim.value]
+        if scratchpad_bytes:
+            args = [*args, (_ARG_SCRATCHPAD, scratchpad_md, scratchpad)]
         mems = []
         try:
             for arg, md, pointer in args:
