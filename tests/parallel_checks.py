@@ -7,6 +7,7 @@ largest differences between 1-device and N-device training and prediction.
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -90,13 +91,14 @@ def _train(spec, devices, batches=None):
     return state, facts
 
 
-def _ops_on_whole_batch(hlo: str, patch_shape) -> list[str]:
-    """Custom calls and random bit generators of `hlo` whose result holds the whole batch."""
-    whole = f"[{BATCH_3D if len(patch_shape) == 3 else BATCH},{','.join(map(str, patch_shape))},"
+def _ops_on_whole_batch(hlo: str, batch_shape) -> list[str]:
+    """Custom calls and random bit generators of `hlo` whose result holds the whole batch
+    (`batch_shape`: batch and spatial sizes), alone or under the particles' vmap."""
+    whole = re.compile(r"\[(1,)?" + ",".join(map(str, batch_shape)) + ",")
     return [
         line.strip()[:120]
         for line in hlo.splitlines()
-        if ("custom-call(" in line or "-> (u64[2], u32[" in line) and whole in line
+        if ("custom-call(" in line or "-> (u64[2], u32[" in line) and whole.search(line)
     ]
 
 
