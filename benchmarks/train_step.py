@@ -217,24 +217,19 @@ def conv_flops(jaxpr) -> float:
     Counts `2 × out elements × (kernel window × C_in / groups)`, for the forward convs and
     the transposed ones autodiff made (input and weight gradients).
     """
-    import jax
-    import jax.extend
     import numpy as np
 
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval
-            out = eqn.outvars[0].aval
-            dn = eqn.params["dimension_numbers"]
-            k_spatial = np.prod([rhs.shape[i] for i in dn.rhs_spec[2:]])
-            k_in = rhs.shape[dn.rhs_spec[1]]
-            # out elements × window × input features per group (rhs in-features already are).
-            total += 2.0 * np.prod(out.shape) * k_spatial * k_in
-        repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += repeats * conv_flops(sub)
-    return total
+    def flops(eqn) -> float:
+        if eqn.primitive.name != "conv_general_dilated":
+            return 0.0
+        rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
+        dn = eqn.params["dimension_numbers"]
+        k_spatial = np.prod([rhs.shape[i] for i in dn.rhs_spec[2:]])
+        k_in = rhs.shape[dn.rhs_spec[1]]
+        # out elements × window × input features per group (rhs in-features already are).
+        return 2.0 * np.prod(out.shape) * k_spatial * k_in
+
+    return _sum_over_equations(jaxpr, flops)
 
 
 def opaque_conv_flops(jaxpr) -> float:
@@ -244,24 +239,35 @@ def opaque_conv_flops(jaxpr) -> float:
     Every piece does `2 × |y| × kernel window × C_in` (y: the conv's output, or its
     cotangent for the two gradients).
     """
-    import jax.extend
     import numpy as np
+
+    def flops(eqn) -> float:
+        target = eqn.params.get("target_name", "") if eqn.primitive.name == "ffi_call" else ""
+        if not target.startswith("vi_seg_jax_onednn_"):
+            return 0.0
+        shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
+        if "kernel_grad" in target:  # (x, dy) -> dw
+            y, kernel = shapes[1], shapes[2]
+        elif "input_grad" in target:  # (dy, w) -> dx
+            y, kernel = shapes[0], shapes[1]
+        else:  # (x, w) -> y
+            y, kernel = shapes[2], shapes[1]
+        return 2.0 * np.prod(y) * np.prod(kernel[:-1])
+
+    return _sum_over_equations(jaxpr, flops)
+
+
+def _sum_over_equations(jaxpr, count) -> float:
+    """`count(eqn)` summed over a jaxpr's equations and its sub-jaxprs (scan bodies times
+    their length)."""
+    import jax.extend
 
     total = 0.0
     for eqn in jaxpr.eqns:
-        target = eqn.params.get("target_name", "") if eqn.primitive.name == "ffi_call" else ""
-        if target.startswith("vi_seg_jax_onednn_"):
-            shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
-            if "kernel_grad" in target:  # (x, dy) -> dw
-                y, kernel = shapes[1], shapes[2]
-            elif "input_grad" in target:  # (dy, w) -> dx
-                y, kernel = shapes[0], shapes[1]
-            else:  # (x, w) -> y
-                y, kernel = shapes[2], shapes[1]
-            total += 2.0 * np.prod(y) * np.prod(kernel[:-1])
+        total += count(eqn)
         repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += repeats * opaque_conv_flops(sub)
+            total += repeats * _sum_over_equations(sub, count)
     return total
 
 

@@ -36,20 +36,17 @@ def materialize(tree, *, after=None):
     leaves = lax.platform_dependent(
         *leaves,
         *dependencies,
-        cpu=functools.partial(_opaque_identity, len(leaves)),
+        cpu=_opaque_identity(len(leaves)),
         default=lambda *operands: lax.optimization_barrier(operands)[: len(leaves)],
     )
     return jax.tree_util.tree_unflatten(treedef, list(leaves))
 
 
-def _opaque_identity(count: int, *operands):
-    """The first `count` operands, aliased (XLA copies one that is still used elsewhere);
-    over a device mesh each device passes its own shards through."""
-    return _partitioned_identity(count)(*operands)
-
-
 @functools.cache
-def _partitioned_identity(count: int):
+def _opaque_identity(count: int):
+    """`(*operands) -> the first count operands`, aliased (XLA copies one that is still used
+    elsewhere); over a device mesh each device passes its own shards through."""
+
     def local(*operands):
         call = jax.ffi.ffi_call(
             _identity_target(),
